@@ -1,0 +1,1 @@
+"""Pure tensor math for RLHF-PPO: masked reductions, KL, advantages and losses."""

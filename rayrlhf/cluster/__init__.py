@@ -1,0 +1,1 @@
+"""Resource groups, role orchestration and weight-sync transports."""

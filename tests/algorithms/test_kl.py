@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from rayrlhf.algorithms.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimate,
+)
+
+
+def test_registry_names():
+    assert set(KL_ESTIMATORS) == {"k1", "k2", "k3"}
+
+
+def test_hand_values_for_p_half_q_quarter():
+    # log p = log 0.5 (policy), log q = log 0.25 (reference) -> log ratio = log 2.
+    lp = torch.tensor([[math.log(0.5)]], dtype=torch.float64)
+    lq = torch.tensor([[math.log(0.25)]], dtype=torch.float64)
+    # k1 = ln 2 = 0.693147...
+    assert kl_estimate(lp, lq, "k1").item() == pytest.approx(0.6931471806)
+    # k2 = 0.5 * (ln 2)^2 = 0.5 * 0.480453 = 0.240227
+    assert kl_estimate(lp, lq, "k2").item() == pytest.approx(0.2402265070)
+    # k3 = q/p - 1 - ln(q/p) = 0.5 - 1 + ln 2 = 0.193147
+    assert kl_estimate(lp, lq, "k3").item() == pytest.approx(0.1931471806)
+    assert kl_estimate(lp, lq).item() == pytest.approx(0.6931471806)  # default is k1
+    # Identical distributions: every estimator is exactly 0.
+    for kind in ("k1", "k2", "k3"):
+        assert kl_estimate(lp, lp, kind).item() == 0.0
+
+
+def test_k3_nonnegative_and_finite_on_random_and_extreme_inputs():
+    g = torch.Generator().manual_seed(1)
+    lp = torch.randn(64, 32, generator=g) * 5
+    lq = torch.randn(64, 32, generator=g) * 5
+    lp[0, 0], lq[0, 0] = -200.0, 0.0  # huge negative log ratio would overflow exp
+    lp[0, 1], lq[0, 1] = 0.0, -200.0
+    k3 = kl_estimate(lp, lq, "k3")
+    assert torch.isfinite(k3).all()
+    assert (k3 >= 0).all()
+    assert (kl_estimate(lp, lq, "k2") >= 0).all()
+
+
+def test_k1_and_k3_are_unbiased_under_policy_sampling():
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)  # policy (sampling) distribution
+    q = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)  # reference
+    true_kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()))
+    g = torch.Generator().manual_seed(2)
+    samples = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    lp, lq = p.log()[samples].view(1, -1), q.log()[samples].view(1, -1)
+    assert kl_estimate(lp, lq, "k1").mean().item() == pytest.approx(true_kl, abs=0.01)
+    assert kl_estimate(lp, lq, "k3").mean().item() == pytest.approx(true_kl, abs=0.01)
+
+
+def test_unknown_estimator_lists_valid_names():
+    x = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="k1"):
+        kl_estimate(x, x, "k4")
+
+
+def test_fixed_controller_never_changes():
+    ctl = FixedKLController(0.05)
+    ctl.update(current_kl=100.0, n_steps=10_000)
+    assert ctl.value == 0.05
+
+
+def _updated(kl: float, n_steps: int = 1000) -> float:
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10_000)
+    ctl.update(kl, n_steps)
+    return ctl.value
+
+
+def test_adaptive_controller_hand_numbers():
+    # kl = 6.6: error = 6.6/6 - 1 = 0.1 (unclipped); 0.1 * (1 + 0.1 * 1000/10000) = 0.101
+    assert _updated(6.6) == pytest.approx(0.101)
+    # kl = 5.4: error = -0.1; 0.1 * (1 - 0.01) = 0.099
+    assert _updated(5.4) == pytest.approx(0.099)
+    # kl = 9 -> error 0.5 clipped to 0.2: 0.1 * 1.02 = 0.102; kl = 600 clips the same way
+    assert _updated(9.0) == pytest.approx(0.102)
+    assert _updated(600.0) == pytest.approx(0.102)
+    # kl = 3 -> error -0.5 clipped to -0.2: 0.1 * 0.98 = 0.098; kl = 0 the same
+    assert _updated(3.0) == pytest.approx(0.098)
+    assert _updated(0.0) == pytest.approx(0.098)
+    # on target: unchanged
+    assert _updated(6.0) == pytest.approx(0.1)
+
+
+def test_adaptive_controller_compounds_over_updates():
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10_000)
+    ctl.update(12.0, 5000)  # error clipped to 0.2, factor 1 + 0.2 * 0.5 = 1.1
+    ctl.update(12.0, 5000)
+    assert ctl.value == pytest.approx(0.121)
