@@ -1,0 +1,86 @@
+"""Forward passes shared by the roles, on the batch layout of `rayrlhf.types`.
+
+Position ids are counted over real tokens only (left padding does not shift them), which is what
+vLLM does, so trainer logprobs match the engine's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from rayrlhf.algorithms.losses import entropy_from_logits, logprobs_from_logits
+
+LOADERS = {
+    "causal_lm": AutoModelForCausalLM,
+    "value": AutoModelForTokenClassification,
+    "reward": AutoModelForSequenceClassification,
+}
+
+
+def load_model(kind: str, path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`from_pretrained` for a policy ('causal_lm'), critic ('value') or reward model ('reward')."""
+    if kind not in LOADERS:
+        raise ValueError(f"unknown model kind {kind!r}; valid: {sorted(LOADERS)}")
+    model = LOADERS[kind].from_pretrained(path, dtype=dtype)
+    if kind != "causal_lm" and model.config.num_labels != 1:
+        raise ValueError(f"{path}: a {kind} model needs num_labels=1, has {model.config.num_labels}")
+    return model
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """[B, T] positions 0.. over real tokens; padding gets 0 (it is masked anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _inputs(sequences: Tensor, attention_mask: Tensor, device: torch.device) -> dict:
+    return {
+        "input_ids": sequences.to(device),
+        "attention_mask": attention_mask.to(device),
+        "position_ids": position_ids(attention_mask).to(device),
+    }
+
+
+def response_logprobs(
+    model: nn.Module, sequences: Tensor, attention_mask: Tensor, response_len: int,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Logprobs [B, R] of the response tokens (and per-token entropy [B, R] if asked)."""
+    device = next(model.parameters()).device
+    logits = model(**_inputs(sequences, attention_mask, device)).logits
+    logits = logits[:, -response_len - 1 : -1]  # the logit at t predicts token t+1
+    labels = sequences[:, -response_len:].to(device)
+    logprobs = logprobs_from_logits(logits, labels)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, entropy
+
+
+def response_values(
+    model: nn.Module, sequences: Tensor, attention_mask: Tensor, response_len: int
+) -> Tensor:
+    """Critic values [B, R]: V of the state before each response token."""
+    device = next(model.parameters()).device
+    out = model(**_inputs(sequences, attention_mask, device)).logits.squeeze(-1)
+    return out[:, -response_len - 1 : -1].float()
+
+
+def sequence_scores(model: nn.Module, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+    """Reward-model scores [B] read at each row's last real token.
+
+    Pools with the attention mask rather than the model's own pad-id search, so it stays right
+    when pad == eos (common in real tokenizers) and for left or right padding.
+    """
+    device = next(model.parameters()).device
+    hidden = model.base_model(**_inputs(sequences, attention_mask, device)).last_hidden_state
+    head = getattr(model, "score", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no 'score' head; expected a *ForSequenceClassification")
+    columns = torch.arange(sequences.shape[1], device=device)
+    last = (columns * attention_mask.to(device)).argmax(-1)
+    pooled = hidden[torch.arange(sequences.shape[0], device=device), last]
+    return head(pooled).squeeze(-1).float()

@@ -1,0 +1,131 @@
+"""Tiny models built locally (no hub): a BPE tokenizer, a Llama policy, a critic and a reward model.
+
+Everything is written with `save_pretrained` so the rest of the system loads it exactly as it would
+load a user's checkpoint (`from_pretrained`, vLLM `LLM(model=dir)`).
+
+Layout of `make_tiny(out)`:
+    out/policy   LlamaForCausalLM            (policy and reference start here)
+    out/critic   LlamaForTokenClassification (one label: a value per token; policy backbone)
+    out/reward   LlamaForSequenceClassification (one label), fitted to the demo task's gold rule
+Each directory carries the tokenizer too.
+
+head_dim is 32 because vLLM's CPU attention kernel rejects 16.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    PreTrainedTokenizerFast,
+)
+
+from rayrlhf.data.demo_task import positive_word_fraction
+
+CORPUS = Path(__file__).with_name("tiny_corpus.txt")
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def train_tokenizer(corpus: Path = CORPUS, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus`; common words of the corpus become single tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(corpus)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 2) -> LlamaConfig:
+    """A Llama config sized for CPU tests: 4 heads of dim 32 (hidden 128)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        num_labels=1,
+        dtype="float32",
+    )
+
+
+def fit_reward_to_rule(
+    model: LlamaForSequenceClassification,
+    tokenizer: PreTrainedTokenizerFast,
+    steps: int = 300,
+    seed: int = 0,
+) -> float:
+    """Regress the reward model onto the demo rule's score of random token strings.
+
+    A stand-in for Bradley-Terry training that keeps `make-tiny` to seconds. The strings mix
+    kind-word tokens at a random rate, so the rule's whole range [0, 1] is seen. Returns the
+    final mean squared error.
+    """
+    rng = random.Random(seed)
+    good_ids = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() in _good_words()]
+    other_ids = [i for i in range(4, len(tokenizer)) if i not in set(good_ids)]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        rows = []
+        for _ in range(32):
+            rate = rng.random()
+            n = rng.randint(2, 24)
+            rows.append([rng.choice(good_ids) if rng.random() < rate else rng.choice(other_ids)
+                         for _ in range(n)])
+        texts = [tokenizer.decode(r) for r in rows]
+        target = torch.tensor(positive_word_fraction(texts, texts))
+        batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+        score = model(**batch).logits.squeeze(-1)
+        loss = torch.nn.functional.mse_loss(score, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss)
+
+
+def _good_words() -> frozenset[str]:
+    from rayrlhf.data.demo_task import GOOD_WORDS
+
+    return GOOD_WORDS
+
+
+def make_tiny(out: str | Path, seed: int = 0, hidden: int = 128, layers: int = 2) -> dict[str, Path]:
+    """Build and save the tokenizer, policy, critic and reward model under `out`."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer()
+    tokenizer.padding_side = "left"
+    config = tiny_config(tokenizer, hidden, layers)
+    paths = {role: out / role for role in ("policy", "critic", "reward")}
+
+    policy = LlamaForCausalLM(config)
+    critic = LlamaForTokenClassification(config)
+    critic.model.load_state_dict(policy.model.state_dict())  # same backbone, fresh value head
+    reward = LlamaForSequenceClassification(config)
+    mse = fit_reward_to_rule(reward, tokenizer, seed=seed)
+    for role, model in (("policy", policy), ("critic", critic), ("reward", reward)):
+        model.save_pretrained(paths[role])
+        tokenizer.save_pretrained(paths[role])
+    print(f"tiny models in {out}: {sum(p.numel() for p in policy.parameters()):,} params each; "
+          f"reward-model fit mse={mse:.4f}")
+    return paths
