@@ -100,7 +100,7 @@ def fit_reward_to_rule(
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def _good_words() -> frozenset[str]:

@@ -1,0 +1,149 @@
+"""The real stack on tiny models: Ray actors, DeepSpeed ZeRO-3 (gloo), vLLM (CPU) engines.
+
+One set of role actors is shared by the module; the tests run in file order because the first
+ones check invariants of the very first PPO update.
+
+Logprob tolerance, stated: both sides run fp32; vLLM's CPU GEMMs (oneDNN) and torch's differ in
+summation order, which moves a 2-layer model's logprobs by ~1e-6 (measured). We allow 1e-3:
+1000x that noise, and still 100x below what one stale or corrupted weight update produces here
+(the policy moves logprobs by >0.1 per step at this learning rate).
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rayrlhf.cluster.roles import Roles
+from rayrlhf.cluster.weight_sync import WeightSyncError
+from rayrlhf.config import load_config
+from rayrlhf.data.demo_task import demo_prompts
+from rayrlhf.experience import assemble_rollout, make_experience
+from rayrlhf.workers.rollout import RolloutEngine
+
+pytestmark = pytest.mark.slow
+
+LOGPROB_TOL = 1e-3
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models):
+    cfg = load_config(None, [
+        f"policy.model_path={tiny_models['policy']}", f"critic.model_path={tiny_models['critic']}",
+        f"reward.model_path={tiny_models['reward']}", "make_tiny_models=null",
+        f"ppo.rollout_batch_size={BATCH}", "ppo.ppo_epochs=1", "ppo.num_mini_batches=1",
+        "policy.micro_batch_size=4", "critic.micro_batch_size=8",
+        "sync.transport=broadcast", "sync.bucket_mb=0.5",  # several buckets per sync
+    ])
+    ray.init(num_cpus=8, include_dashboard=False)
+    roles = Roles(cfg)
+    tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    yield cfg, roles, tok
+    ray.shutdown()
+
+
+def _rollout(roles, tok, n=BATCH, seed=0):
+    texts = demo_prompts(n, seed)
+    ids = [tok(t)["input_ids"] for t in texts]
+    return assemble_rollout(roles.generate(ids, seed=seed), texts, tok.pad_token_id)
+
+
+def test_zero3_shards_parameters_across_ranks(stack):
+    _, roles, _ = stack
+    shards = ray.get([p.shard_numel.remote() for p in roles.policy])
+    total = shards[0][1]
+    for local, model_total in shards:
+        assert model_total == total
+        assert abs(local - total / len(shards)) / total < 0.05, shards
+    assert sum(local for local, _ in shards) >= total
+
+
+def test_engine_logprobs_agree_with_trainer(stack):
+    _, roles, tok = stack
+    rollout = _rollout(roles, tok)
+    scores = roles.score(rollout)
+    mask = rollout.action_mask.bool()
+    assert mask.sum() > BATCH  # real responses were sampled
+    diff = (rollout.engine_logprobs - scores.old_logprobs).abs()[mask]
+    assert diff.max().item() < LOGPROB_TOL
+    # Before any update the policy is the reference.
+    assert (scores.ref_logprobs - scores.old_logprobs).abs()[mask].max().item() < 1e-5
+
+
+def test_first_ppo_update_has_zero_kl_and_clipfrac(stack):
+    cfg, roles, tok = stack
+    before = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
+    rollout = _rollout(roles, tok, seed=1)
+    exp, _ = make_experience(rollout, roles.score(rollout), cfg.ppo)
+    policy_stats, critic_stats = roles.train(exp)
+    # One optimizer step after all micro-batches: every ratio is exactly 1.
+    assert abs(policy_stats.approx_kl) < 1e-6
+    assert policy_stats.clipfrac == 0.0
+    assert critic_stats.loss > 0
+    after = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
+    assert after != before  # the update changed the weights
+
+
+def test_broadcast_sync_fingerprints_match(stack):
+    cfg, roles, _ = stack
+    calls = [p.broadcast_weights.remote(cfg.sync.bucket_mb) for p in roles.policy]
+    calls += [e.receive_weights.remote(True) for e in roles.engines]
+    out = ray.get(calls)
+    sent = out[0]
+    assert sent.num_buckets > 1 and sent.num_tensors == len(ray.get(roles.policy[0].param_metas.remote()))
+    trainer_fp = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
+    assert sent.fingerprint == trainer_fp
+    for engine_fps in out[len(roles.policy):]:
+        assert engine_fps == [trainer_fp]
+
+
+def test_object_store_sync_fingerprints_match(stack):
+    cfg, roles, _ = stack
+    refs, sent = ray.get([p.weights_to_store.remote(cfg.sync.bucket_mb) for p in roles.policy])[0]
+    engine_fps = ray.get([e.load_weights_from_store.remote(refs, sent.fingerprint) for e in roles.engines])
+    assert engine_fps == [[sent.fingerprint]] * len(roles.engines)
+
+
+def test_corrupted_sync_is_detected(stack):
+    cfg, roles, _ = stack
+    refs, sent = ray.get([p.weights_to_store.remote(cfg.sync.bucket_mb) for p in roles.policy])[0]
+    bucket = ray.get(refs[0])
+    name, tensor = bucket[0]
+    bad = tensor.clone()
+    bad.view(-1)[0] += 1e-3  # one element, slightly off: the silent kind of corruption
+    corrupted = [ray.put([(name, bad), *bucket[1:]]), *refs[1:]]
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(roles.engines[0].load_weights_from_store.remote(corrupted, sent.fingerprint))
+    assert isinstance(err.value.cause, WeightSyncError) or "fingerprint mismatch" in str(err.value)
+    # Restore the right weights for the tests below.
+    ray.get(roles.engines[0].load_weights_from_store.remote(refs, sent.fingerprint))
+
+
+def test_greedy_vllm_equals_hf_after_sync(stack, tmp_path):
+    _, roles, tok = stack
+    roles.sync_weights()
+    roles.save_policy(str(tmp_path / "policy"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32).eval()
+    texts = demo_prompts(6, seed=7)
+    ids = [tok(t)["input_ids"] for t in texts]
+    engine = [s.response_ids for s in roles.generate(ids, seed=0, greedy=True)]
+    max_new = roles.cfg.rollout.max_new_tokens
+    for prompt, got in zip(ids, engine):
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        want = out[0, len(prompt):].tolist()
+        assert got == want[: len(got)] and len(got) == len(want)
+
+
+def test_saved_policy_loads_in_a_fresh_vllm_engine(stack, tmp_path):
+    cfg, roles, tok = stack
+    roles.save_policy(str(tmp_path / "policy"))
+    fresh = ray.remote(RolloutEngine).options(num_cpus=0).remote(str(tmp_path / "policy"), cfg.rollout, 0, 0)
+    ids = [tok(t)["input_ids"] for t in demo_prompts(4, seed=3)]
+    a = ray.get(fresh.generate.remote(ids, 0, True))
+    b = roles.generate(ids, seed=0, greedy=True)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    ray.kill(fresh)

@@ -1,0 +1,132 @@
+import pytest
+import torch
+
+from rayrlhf.models.forward import (
+    load_model,
+    position_ids,
+    response_logprobs,
+    response_values,
+    sequence_scores,
+)
+
+PROMPT = [40, 41, 42, 43]
+RESPONSE = [50, 51, 52]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    return {
+        "policy": load_model("causal_lm", str(tiny_models["policy"])).eval(),
+        "critic": load_model("value", str(tiny_models["critic"])).eval(),
+        "reward": load_model("reward", str(tiny_models["reward"])).eval(),
+    }
+
+
+@pytest.fixture(scope="module")
+def pad_id(models):
+    return models["policy"].config.pad_token_id
+
+
+def test_load_model_bogus_kind_lists_valid(tiny_models):
+    with pytest.raises(ValueError) as err:
+        load_model("bogus", str(tiny_models["policy"]))
+    msg = str(err.value)
+    assert "bogus" in msg
+    for kind in ("causal_lm", "value", "reward"):
+        assert kind in msg
+
+
+def test_position_ids_by_hand():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]
+
+
+def _left_padded_batch(pad_id, n_pad):
+    """Row 0: PROMPT+RESPONSE unpadded; row 1: the same, left-padded by n_pad."""
+    row = PROMPT + RESPONSE
+    seq = torch.tensor([[PROMPT[0]] * n_pad + row, [pad_id] * n_pad + row])
+    mask = torch.tensor([[1] * (n_pad + len(row)), [0] * n_pad + [1] * len(row)])
+    # row 0 is a different (longer) sequence; keep the plain unpadded reference separately
+    alone = torch.tensor([row])
+    return seq, mask, alone
+
+
+@torch.no_grad()
+def test_response_logprobs_left_padding_matches_unpadded(models, pad_id):
+    model = models["policy"]
+    r = len(RESPONSE)
+    seq, mask, alone = _left_padded_batch(pad_id, n_pad=3)
+    padded_lp, entropy = response_logprobs(model, seq, mask, r, with_entropy=True)
+    alone_lp, _ = response_logprobs(model, alone, torch.ones_like(alone), r)
+    assert padded_lp.shape == (2, r) and entropy.shape == (2, r)
+    torch.testing.assert_close(padded_lp[1], alone_lp[0], atol=1e-5, rtol=0)
+    assert (padded_lp <= 0).all() and (entropy >= 0).all()
+
+    # The check is sensitive: with positions counted from column 0 (padding included) the
+    # padded row differs, so the equality above really tests the position ids.
+    shifted = torch.arange(seq.shape[1]).expand_as(seq)
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=shifted).logits[1, -r - 1:-1]
+    naive = torch.log_softmax(logits, -1).gather(-1, torch.tensor(RESPONSE).unsqueeze(-1)).squeeze(-1)
+    assert (naive - alone_lp[0]).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_response_logprobs_equals_manual_log_softmax(models):
+    model = models["policy"]
+    row = PROMPT + RESPONSE
+    seq = torch.tensor([row])
+    lp, _ = response_logprobs(model, seq, torch.ones_like(seq), len(RESPONSE))
+    logits = model(input_ids=seq).logits[0].double()
+    manual = []
+    for j, token in enumerate(RESPONSE):
+        t = len(PROMPT) + j  # position of the response token; predicted from position t - 1
+        manual.append(logits[t - 1, token] - torch.logsumexp(logits[t - 1], -1))
+    torch.testing.assert_close(lp[0].double(), torch.stack(manual), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_response_values_left_padding_matches_unpadded(models, pad_id):
+    critic = models["critic"]
+    r = len(RESPONSE)
+    seq, mask, alone = _left_padded_batch(pad_id, n_pad=2)
+    v = response_values(critic, seq, mask, r)
+    v_alone = response_values(critic, alone, torch.ones_like(alone), r)
+    assert v.shape == (2, r)
+    torch.testing.assert_close(v[1], v_alone[0], atol=1e-5, rtol=0)
+    # V of the state before response token j is the head at column P - 1 + j.
+    full = critic(input_ids=alone).logits[0, :, 0]
+    torch.testing.assert_close(v_alone[0], full[len(PROMPT) - 1:len(PROMPT) - 1 + r], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_sequence_scores_independent_of_padding(models, pad_id):
+    reward = models["reward"]
+    row = PROMPT + RESPONSE
+    n = len(row)
+    seqs = torch.tensor([row + [pad_id] * 3, [pad_id] * 3 + row, [pad_id] * 3 + row])
+    masks = torch.tensor([[1] * n + [0] * 3, [0] * 3 + [1] * n, [0] * 3 + [1] * n])
+    padded = sequence_scores(reward, seqs, masks)
+    alone = sequence_scores(reward, torch.tensor([row]), torch.ones(1, n, dtype=torch.long))
+    assert padded.shape == (3,)
+    torch.testing.assert_close(padded, alone.expand(3), atol=1e-5, rtol=0)
+    # and agrees with the model's own pooling on an unpadded sequence
+    own = reward(input_ids=torch.tensor([row])).logits[0, 0]
+    assert abs(own.item() - alone.item()) < 1e-5
+
+
+@torch.no_grad()
+def test_sequence_scores_reads_last_real_token_when_pad_equals_eos(models):
+    """With pad == eos a real trailing eos must still be read, and padding must not be."""
+    reward = models["reward"]
+    eos = reward.config.eos_token_id
+    row = PROMPT + RESPONSE + [eos]
+    seq = torch.tensor([row + [eos, eos]])
+    mask = torch.tensor([[1] * len(row) + [0, 0]])
+    got = sequence_scores(reward, seq, mask)
+    want = reward(input_ids=torch.tensor([row])).logits[0, 0]
+    assert abs(got.item() - want.item()) < 1e-5
+
+
+def test_sequence_scores_rejects_model_without_score_head(models):
+    with pytest.raises(ValueError, match="score"):
+        sequence_scores(models["policy"], torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))

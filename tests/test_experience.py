@@ -1,0 +1,196 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayrlhf.config import PPOConfig
+from rayrlhf.experience import assemble_rollout, make_experience
+from rayrlhf.types import Experience, Rollout, Scores, micro_batches, shard_rows
+from rayrlhf.workers.rollout import Sample
+
+REPO = Path(__file__).resolve().parents[1]
+PAD = 0
+
+
+def test_rollout_module_does_not_import_vllm():
+    code = ("import sys, rayrlhf.workers.rollout, rayrlhf.experience; "
+            "print('vllm' in sys.modules or any(m.startswith('vllm.') for m in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def _samples():
+    a = Sample(prompt_ids=[11, 12], response_ids=[21, 22, 23], logprobs=[-0.1, -0.2, -0.3], text="abc")
+    b = Sample(prompt_ids=[31, 32, 33, 34], response_ids=[41], logprobs=[-0.4], text="d")
+    return [a, b]
+
+
+def test_assemble_rollout_layout():
+    r = assemble_rollout(_samples(), ["pa", "pb"], pad_id=PAD)
+    # P = 4 (longest prompt), R = 3 (longest response)
+    assert r.prompt_len == 4
+    assert r.sequences.tolist() == [
+        [PAD, PAD, 11, 12, 21, 22, 23],
+        [31, 32, 33, 34, 41, PAD, PAD],
+    ]
+    assert r.sequences.dtype == torch.int64
+    assert r.attention_mask.tolist() == [
+        [0, 0, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 0, 0],
+    ]
+    assert r.action_mask.dtype == torch.float32
+    assert r.action_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    torch.testing.assert_close(r.engine_logprobs,
+                               torch.tensor([[-0.1, -0.2, -0.3], [-0.4, 0.0, 0.0]]))
+    # Every response starts at column P.
+    assert r.sequences[0, r.prompt_len].item() == 21
+    assert r.sequences[1, r.prompt_len].item() == 41
+    assert r.prompts == ("pa", "pb") and r.responses == ("abc", "d")
+    assert len(r) == 2
+
+
+def test_assemble_rollout_uses_pad_id_and_checks_lengths():
+    r = assemble_rollout(_samples(), ["pa", "pb"], pad_id=99)
+    assert r.sequences[0, :2].tolist() == [99, 99]
+    assert r.sequences[1, 5:].tolist() == [99, 99]
+    assert r.attention_mask[0, :2].tolist() == [0, 0]  # mask does not depend on the pad id
+    with pytest.raises(ValueError):
+        assemble_rollout(_samples(), ["only one"], pad_id=PAD)
+
+
+def _rollout_and_scores(rewards=(2.0, -1.0)):
+    r = assemble_rollout(_samples(), ["pa", "pb"], pad_id=PAD)
+    zeros = torch.zeros(2, 3)
+    scores = Scores(rewards=torch.tensor(rewards), ref_logprobs=r.engine_logprobs.clone(),
+                    old_logprobs=r.engine_logprobs.clone(), values=zeros)
+    return r, scores
+
+
+def test_reward_to_go_with_no_discount_no_kl_zero_values():
+    r, scores = _rollout_and_scores()
+    ppo = PPOConfig(gamma=1.0, lam=1.0, kl_coef=0.0, whiten_advantages=False)
+    exp, stats = make_experience(r, scores, ppo)
+    # With gamma = lam = 1, no KL and V = 0, every action token's return is the terminal reward.
+    assert exp.returns.tolist() == [[2.0, 2.0, 2.0], [-1.0, 0.0, 0.0]]
+    assert exp.advantages.tolist() == [[2.0, 2.0, 2.0], [-1.0, 0.0, 0.0]]
+    assert stats.reward_mean == pytest.approx(0.5)
+    assert stats.reward_std == pytest.approx(2.1213203)  # sample std of (2, -1) = 3 / sqrt(2)
+    assert stats.response_length == pytest.approx(2.0)
+    assert stats.tokens == 4
+    assert stats.kl == 0.0
+    assert exp.sequences is r.sequences and exp.action_mask is r.action_mask
+
+
+def test_discount_is_applied_per_token():
+    r, scores = _rollout_and_scores()
+    ppo = PPOConfig(gamma=0.5, lam=1.0, kl_coef=0.0, whiten_advantages=False)
+    exp, _ = make_experience(r, scores, ppo)
+    # Row 0: reward 2 at the last of 3 tokens -> 2 * 0.5^2, 2 * 0.5, 2.
+    torch.testing.assert_close(exp.returns[0], torch.tensor([0.5, 1.0, 2.0]))
+
+
+def test_kl_penalty_and_kl_stat_by_hand():
+    r, scores = _rollout_and_scores(rewards=(1.0, 0.0))
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, 7.0, 7.0]])  # 7.0: garbage on padding
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, -9.0, 3.0]])
+    scores = Scores(rewards=scores.rewards, ref_logprobs=ref, old_logprobs=old, values=scores.values)
+    beta = 0.1
+    ppo = PPOConfig(gamma=1.0, lam=1.0, kl_coef=beta, whiten_advantages=False, kl_estimator="k1")
+    exp, stats = make_experience(r, scores, ppo)
+    # k1 = old - ref on real tokens: row 0 -> 0.5, -1.0, 0.0 (sum -0.5); row 1 -> -0.2 (sum -0.2)
+    assert stats.kl == pytest.approx((-0.5 + -0.2) / 2)
+    # token rewards: row 0 -> -0.05, 0.1, 0 + 1 ; row 1 -> 0.02 ; reward-to-go with V = 0:
+    torch.testing.assert_close(exp.returns, torch.tensor([[1.05, 1.1, 1.0], [0.02, 0.0, 0.0]]))
+
+
+def test_whitened_advantages_are_zero_mean_on_real_tokens():
+    r, scores = _rollout_and_scores()
+    exp, _ = make_experience(r, scores, PPOConfig(whiten_advantages=True, kl_coef=0.0))
+    real = exp.advantages[r.action_mask.bool()]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert real.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    assert exp.advantages[~r.action_mask.bool()].abs().sum().item() == 0.0
+
+
+def test_engine_logprob_diff_ignores_padding():
+    r, scores = _rollout_and_scores()
+    old = r.engine_logprobs.clone()
+    old[0, 1] += 0.25       # a real token, trainer higher by 0.25
+    old[1, 0] -= 0.125      # a real token, trainer lower by 0.125
+    old[1, 2] = 1.0e6       # a padding position: must be ignored
+    scores = Scores(rewards=scores.rewards, ref_logprobs=old.clone(), old_logprobs=old,
+                    values=scores.values)
+    _, stats = make_experience(r, scores, PPOConfig(kl_coef=0.0))
+    assert stats.engine_logprob_diff == pytest.approx(0.25)
+
+
+def test_engine_logprob_diff_zero_when_equal():
+    r, scores = _rollout_and_scores()
+    _, stats = make_experience(r, scores, PPOConfig())
+    assert stats.engine_logprob_diff == 0.0
+
+
+# ---- shard_rows / micro_batches / Experience.split ---------------------------------------------
+
+
+def _experience(b=6, t=5, r=3):
+    base = torch.arange(b, dtype=torch.float32).unsqueeze(1)  # row i holds i everywhere
+    return Experience(
+        sequences=base.long().expand(b, t).clone(),
+        attention_mask=torch.ones(b, t, dtype=torch.long),
+        action_mask=torch.ones(b, r),
+        old_logprobs=-base.expand(b, r).clone(),
+        old_values=10 + base.expand(b, r),
+        advantages=100 + base.expand(b, r),
+        returns=1000 + base.expand(b, r),
+    )
+
+
+def _row_ids(exp):
+    ids = exp.sequences[:, 0].tolist()
+    assert (-exp.old_logprobs[:, 0]).tolist() == ids
+    assert (exp.old_values[:, 0] - 10).tolist() == ids
+    assert (exp.advantages[:, 0] - 100).tolist() == ids
+    assert (exp.returns[:, 0] - 1000).tolist() == ids
+    return ids
+
+
+def test_split_keeps_rows_aligned():
+    shards = _experience(6).split(3)
+    assert [len(s) for s in shards] == [2, 2, 2]
+    assert [_row_ids(s) for s in shards] == [[0, 1], [2, 3], [4, 5]]
+    assert all(isinstance(s, Experience) for s in shards)
+
+
+def test_split_uneven_raises():
+    with pytest.raises(ValueError, match="6 rows"):
+        _experience(6).split(4)
+    with pytest.raises(ValueError):
+        shard_rows(_experience(5), 2)
+
+
+def test_micro_batches_cover_all_rows_in_order():
+    chunks = micro_batches(_experience(7), 3)
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert [i for c in chunks for i in _row_ids(c)] == list(range(7))
+
+
+def test_shard_rows_on_rollout_keeps_texts_aligned():
+    samples = [Sample([i + 1], [i + 1] * (i + 1), [-0.5] * (i + 1), f"r{i}") for i in range(4)]
+    r = assemble_rollout(samples, [f"p{i}" for i in range(4)], pad_id=PAD)
+    halves = shard_rows(r, 2)
+    assert [h.prompts for h in halves] == [("p0", "p1"), ("p2", "p3")]
+    assert [h.responses for h in halves] == [("r0", "r1"), ("r2", "r3")]
+    for h in halves:
+        assert isinstance(h, Rollout) and h.prompt_len == r.prompt_len
+        for k in range(len(h)):
+            # row k's prompt token, its response length and its response text all agree
+            i = int(h.sequences[k, h.prompt_len - 1]) - 1
+            assert h.responses[k] == f"r{i}"
+            assert h.action_mask[k].sum().item() == i + 1
