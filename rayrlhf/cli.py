@@ -33,15 +33,26 @@ def config_help(model: type = TrainConfig, prefix: str = "") -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rayrlhf", description="Distributed RLHF on Ray: DeepSpeed ZeRO-3 trainers, vLLM rollouts.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="rayrlhf",
+        description="Distributed RLHF on Ray: DeepSpeed ZeRO-3 trainers, vLLM rollouts.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "run PPO"), ("check-config", "validate a config and print it")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", help="YAML recipe (default: the embedded configs/tiny-cpu.yaml)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a field, e.g. --set policy.lr=1e-5 (repeatable)")
-        p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field, e.g. --set policy.lr=1e-5 (repeatable)",
+        )
+        p.add_argument(
+            "--help-config", action="store_true", help="list every config field and exit"
+        )
     tiny = sub.add_parser("make-tiny", help="build tiny tokenizer/policy/critic/reward models")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)

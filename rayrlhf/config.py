@@ -245,6 +245,7 @@ def format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{field}: {msg}" if e["type"] != "extra_forbidden" else f"{field}: unknown key")
+        lines.append(
+            f"{field}: {msg}" if e["type"] != "extra_forbidden" else f"{field}: unknown key"
+        )
     return "invalid config:\n  " + "\n  ".join(lines)
-

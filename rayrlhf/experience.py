@@ -58,7 +58,9 @@ def assemble_rollout(samples: list[Sample], prompts: list[str], pad_id: int) -> 
     )
 
 
-def make_experience(rollout: Rollout, scores: Scores, ppo: PPOConfig) -> tuple[Experience, RolloutStats]:
+def make_experience(
+    rollout: Rollout, scores: Scores, ppo: PPOConfig
+) -> tuple[Experience, RolloutStats]:
     """KL-penalised token rewards -> GAE advantages and returns (whitened if configured)."""
     mask = rollout.action_mask
     kl = kl_estimate(scores.old_logprobs, scores.ref_logprobs, ppo.kl_estimator) * mask
@@ -67,9 +69,13 @@ def make_experience(rollout: Rollout, scores: Scores, ppo: PPOConfig) -> tuple[E
     if ppo.whiten_advantages:
         advantages = whiten_advantages(advantages, mask)
     exp = Experience(
-        sequences=rollout.sequences, attention_mask=rollout.attention_mask, action_mask=mask,
-        old_logprobs=scores.old_logprobs, old_values=scores.values,
-        advantages=advantages, returns=returns,
+        sequences=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        action_mask=mask,
+        old_logprobs=scores.old_logprobs,
+        old_values=scores.values,
+        advantages=advantages,
+        returns=returns,
     )
     lengths = mask.sum(1)
     diff = ((rollout.engine_logprobs - scores.old_logprobs).abs() * mask).max()

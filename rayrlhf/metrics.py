@@ -14,6 +14,7 @@ from pathlib import Path
 from rayrlhf.experience import RolloutStats
 from rayrlhf.types import SyncResult, TrainStats
 
+
 class PhaseTimer:
     """Wall-clock seconds per named phase of one step."""
 
@@ -31,8 +32,14 @@ class PhaseTimer:
         return sum(self.seconds.values())
 
 
-def step_record(step: int, r: RolloutStats, pol: TrainStats, crt: TrainStats, sync: SyncResult,
-                timer: PhaseTimer) -> dict[str, float]:
+def step_record(
+    step: int,
+    r: RolloutStats,
+    pol: TrainStats,
+    crt: TrainStats,
+    sync: SyncResult,
+    timer: PhaseTimer,
+) -> dict[str, float]:
     """The flat metrics dict of one step (the schema of metrics.jsonl)."""
     rec = {
         "step": step,
@@ -82,11 +89,11 @@ class StepLog:
             f"| {rec['perf/tokens_per_sec']:.0f} tok/s | step {rec['perf/step_seconds']:.1f}s "
             f"(gen {rec['time/generate']:.1f} score {rec['time/score']:.1f} "
             f"train {rec['time/train']:.1f} sync {rec['time/sync']:.2f}) | eta {eta:.0f}s",
-            file=self.stream, flush=True,
+            file=self.stream,
+            flush=True,
         )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All step records of a run, in order."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-

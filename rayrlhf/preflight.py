@@ -12,7 +12,10 @@ from rayrlhf.config import ConfigError, TrainConfig
 
 def build_tiny_models(cfg: TrainConfig) -> None:
     """Demo configs: build the tiny models into `make_tiny_models` unless already there."""
-    if cfg.make_tiny_models and not (Path(cfg.make_tiny_models) / "policy" / "config.json").exists():
+    if (
+        cfg.make_tiny_models
+        and not (Path(cfg.make_tiny_models) / "policy" / "config.json").exists()
+    ):
         from rayrlhf.models.tiny import make_tiny
 
         make_tiny(cfg.make_tiny_models)
@@ -53,7 +56,8 @@ def check_tokenizers(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"invalid config:\n  {field}: its tokenizer does not match policy.model_path's "
                 f"({len(vocab)} vs {len(base)} tokens, {differing} mapped differently); "
-                "every role reads the policy's token ids")
+                "every role reads the policy's token ids"
+            )
 
 
 def check_rule(cfg: TrainConfig) -> None:

@@ -37,9 +37,14 @@ def train(cfg: TrainConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    print(f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), critic x{cfg.critic.num_ranks} "
-          f"(ZeRO-3), reference, reward, vLLM engines x{cfg.rollout.num_engines}", flush=True)
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    )
+    print(
+        f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), critic x{cfg.critic.num_ranks} "
+        f"(ZeRO-3), reference, reward, vLLM engines x{cfg.rollout.num_engines}",
+        flush=True,
+    )
     roles = Roles(cfg)
     log = StepLog(run_dir, cfg.steps)
     batch = cfg.ppo.rollout_batch_size

@@ -12,7 +12,7 @@ The controllers implement the KL coefficient ``beta`` of Ziegler et al. 2019, "F
 Language Models from Human Preferences".
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -34,7 +34,8 @@ def reserve(role: str, res: Resources, count: int, timeout_s: float = 60.0) -> P
         remove_placement_group(pg)
         raise PlacementError(
             f"{role}: could not reserve {count} x {bundle(res)} within {timeout_s:.0f}s; "
-            f"free on the cluster: {ray.available_resources()}")
+            f"free on the cluster: {ray.available_resources()}"
+        )
     return pg
 
 
@@ -45,5 +46,6 @@ def actor_options(pg: PlacementGroup, index: int, res: Resources) -> dict:
         "num_gpus": res.num_gpus,
         "resources": dict(res.custom) or None,
         "scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=index),
+            placement_group=pg, placement_group_bundle_index=index
+        ),
     }

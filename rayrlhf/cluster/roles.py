@@ -44,20 +44,37 @@ class Roles:
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
         pol, crt = cfg.policy, cfg.critic
-        self.policy = self._zero3_group("policy", PolicyWorker, pol.model_path, pol, pol.weight_decay)
+        self.policy = self._zero3_group(
+            "policy", PolicyWorker, pol.model_path, pol, pol.weight_decay
+        )
         self.critic = self._zero3_group("critic", CriticWorker, crt.model_path, crt, 0.0)
         ref_path = cfg.reference.model_path or pol.model_path
-        self.reference = self._single("reference", ReferenceWorker, cfg.reference.resources,
-                                      ref_path, cfg.reference.micro_batch_size,
-                                      _threads(cfg.reference.resources))
+        self.reference = self._single(
+            "reference",
+            ReferenceWorker,
+            cfg.reference.resources,
+            ref_path,
+            cfg.reference.micro_batch_size,
+            _threads(cfg.reference.resources),
+        )
         rw = cfg.reward
-        self.reward = self._single("reward", RewardWorker, rw.resources, rw.model_path, rw.rule,
-                                   rw.micro_batch_size, _threads(rw.resources))
+        self.reward = self._single(
+            "reward",
+            RewardWorker,
+            rw.resources,
+            rw.model_path,
+            rw.rule,
+            rw.micro_batch_size,
+            _threads(rw.resources),
+        )
         ro = cfg.rollout
         pg = reserve("rollout", ro.resources, ro.num_engines, cfg.placement_timeout_s)
         self.engines = [
-            ray.remote(RolloutEngine).options(**actor_options(pg, i, ro.resources))
-            .remote(pol.model_path, ro, cfg.seed, i) for i in range(ro.num_engines)]
+            ray.remote(RolloutEngine)
+            .options(**actor_options(pg, i, ro.resources))
+            .remote(pol.model_path, ro, cfg.seed, i)
+            for i in range(ro.num_engines)
+        ]
         # Actor constructors run concurrently; this surfaces any start-up error.
         self.get([a.__ray_ready__.remote() for a in self.all_actors()], "start-up")
         if cfg.sync.transport == "broadcast":
@@ -71,8 +88,10 @@ class Roles:
         try:
             return ray.get(refs, timeout=self.timeout)
         except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"phase '{phase}' did not finish within {self.timeout}s "
-                               "(raise phase_timeout_s if the model is that slow)") from None
+            raise TimeoutError(
+                f"phase '{phase}' did not finish within {self.timeout}s "
+                "(raise phase_timeout_s if the model is that slow)"
+            ) from None
 
     def _single(self, role: str, cls, res: Resources, *args):
         pg = reserve(role, res, 1, self.cfg.placement_timeout_s)
@@ -80,16 +99,35 @@ class Roles:
 
     def _zero3_group(self, role: str, cls, model_path: str, rc, weight_decay: float) -> list:
         pg = reserve(role, rc.resources, rc.num_ranks, self.cfg.placement_timeout_s)
-        addr, port = ray.get(_address_and_port.options(
-            scheduling_strategy=actor_options(pg, 0, rc.resources)["scheduling_strategy"]).remote())
+        addr, port = ray.get(
+            _address_and_port.options(
+                scheduling_strategy=actor_options(pg, 0, rc.resources)["scheduling_strategy"]
+            ).remote()
+        )
         ppo = self.cfg.ppo
-        accum = ppo.rollout_batch_size // (rc.num_ranks * rc.micro_batch_size * ppo.num_mini_batches)
+        accum = ppo.rollout_batch_size // (
+            rc.num_ranks * rc.micro_batch_size * ppo.num_mini_batches
+        )
         actors = []
         for rank in range(rc.num_ranks):
-            spec = RankSpec(rank, rc.num_ranks, addr, port, rc.micro_batch_size, accum, rc.lr,
-                            weight_decay, rc.grad_clip, self.cfg.seed, _threads(rc.resources))
-            actors.append(ray.remote(cls).options(**actor_options(pg, rank, rc.resources))
-                          .remote(model_path, spec))
+            spec = RankSpec(
+                rank,
+                rc.num_ranks,
+                addr,
+                port,
+                rc.micro_batch_size,
+                accum,
+                rc.lr,
+                weight_decay,
+                rc.grad_clip,
+                self.cfg.seed,
+                _threads(rc.resources),
+            )
+            actors.append(
+                ray.remote(cls)
+                .options(**actor_options(pg, rank, rc.resources))
+                .remote(model_path, spec)
+            )
         return actors
 
     def _init_broadcast_group(self) -> None:
@@ -101,39 +139,60 @@ class Roles:
         sizes = self.get([e.num_workers.remote() for e in self.engines], "sync group")
         world, offsets = 1 + sum(sizes), [1 + sum(sizes[:i]) for i in range(len(sizes))]
         joins = [self.policy[0].init_weight_group.remote(host, port, world, backend)]
-        joins += [e.init_weight_group.remote(host, port, off, world, backend, plan)
-                  for e, off in zip(self.engines, offsets)]
+        joins += [
+            e.init_weight_group.remote(host, port, off, world, backend, plan)
+            for e, off in zip(self.engines, offsets)
+        ]
         self.get(joins, "sync group")
 
     # ---- the verbs of a step --------------------------------------------------------------
 
-    def generate(self, prompt_ids: list[list[int]], seed: int, greedy: bool = False) -> list[Sample]:
+    def generate(
+        self, prompt_ids: list[list[int]], seed: int, greedy: bool = False
+    ) -> list[Sample]:
         """Split the prompts evenly over the engines; results keep the prompts' order."""
         m = len(self.engines)
         bounds = [len(prompt_ids) * i // m for i in range(m + 1)]
-        calls = [e.generate.remote(prompt_ids[a:b], seed + a, greedy)
-                 for e, a, b in zip(self.engines, bounds, bounds[1:]) if b > a]
+        calls = [
+            e.generate.remote(prompt_ids[a:b], seed + a, greedy)
+            for e, a, b in zip(self.engines, bounds, bounds[1:])
+            if b > a
+        ]
         return [s for part in self.get(calls, "generate") for s in part]
 
     def score(self, rollout: Rollout) -> Scores:
         """Reward, reference logprobs, old policy logprobs and values, all concurrently."""
         ref = ray.put(rollout)
-        pol = [a.forward_logprobs.remote(s) for a, s in zip(self.policy, shard_rows(rollout, len(self.policy)))]
-        crt = [a.forward_values.remote(s) for a, s in zip(self.critic, shard_rows(rollout, len(self.critic)))]
+        pol = [
+            a.forward_logprobs.remote(s)
+            for a, s in zip(self.policy, shard_rows(rollout, len(self.policy)))
+        ]
+        crt = [
+            a.forward_values.remote(s)
+            for a, s in zip(self.critic, shard_rows(rollout, len(self.critic)))
+        ]
         rew, ref_lp = self.reward.score.remote(ref), self.reference.forward_logprobs.remote(ref)
         out = self.get([rew, ref_lp, *pol, *crt], "score")
         n = len(self.policy)
-        return Scores(rewards=out[0], ref_logprobs=out[1], old_logprobs=torch.cat(out[2 : 2 + n]),
-                      values=torch.cat(out[2 + n :]))
+        return Scores(
+            rewards=out[0],
+            ref_logprobs=out[1],
+            old_logprobs=torch.cat(out[2 : 2 + n]),
+            values=torch.cat(out[2 + n :]),
+        )
 
     def train(self, exp: Experience) -> tuple[TrainStats, TrainStats]:
         """Policy and critic updates, concurrently; stats averaged over ranks and epochs."""
         pol, crt = [], []
         for _ in range(self.cfg.ppo.ppo_epochs):
-            p = [a.train_step.remote(s, self.cfg.ppo.clip_eps)
-                 for a, s in zip(self.policy, exp.split(len(self.policy)))]
-            c = [a.train_step.remote(s, self.cfg.ppo.value_clip_eps)
-                 for a, s in zip(self.critic, exp.split(len(self.critic)))]
+            p = [
+                a.train_step.remote(s, self.cfg.ppo.clip_eps)
+                for a, s in zip(self.policy, exp.split(len(self.policy)))
+            ]
+            c = [
+                a.train_step.remote(s, self.cfg.ppo.value_clip_eps)
+                for a, s in zip(self.critic, exp.split(len(self.critic)))
+            ]
             out = self.get(p + c, "train")
             pol += out[: len(p)]
             crt += out[len(p) :]
@@ -145,7 +204,9 @@ class Roles:
         if sync.transport == "object_store":
             refs, result = self.get([a.weights_to_store.remote(mb) for a in self.policy], "sync")[0]
             expected = result.fingerprint if sync.verify else None
-            self.get([e.load_weights_from_store.remote(refs, expected) for e in self.engines], "sync")
+            self.get(
+                [e.load_weights_from_store.remote(refs, expected) for e in self.engines], "sync"
+            )
             return result
         calls = [a.broadcast_weights.remote(mb) for a in self.policy]
         calls += [e.receive_weights.remote(sync.verify) for e in self.engines]

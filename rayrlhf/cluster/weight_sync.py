@@ -4,7 +4,7 @@ Flow of one sync:
     trainer ranks gather ZeRO-3 shards one bucket at a time (many parameters per collective);
     rank 0 hands each full bucket to the transport and hashes it into a fingerprint;
     each engine streams the buckets into vLLM's `reload_weights` and hashes what it loaded;
-    the engine compares its fingerprint with the trainer's and raises `WeightSyncError` if not equal.
+    the engine compares the two fingerprints and raises `WeightSyncError` if they differ.
 
 Transports:
     object_store: rank 0 `ray.put`s each bucket; engines `ray.get` them. Works across nodes, CPU
@@ -86,7 +86,9 @@ class Fingerprint:
         return torch.frombuffer(bytearray(self._h.digest()), dtype=torch.uint8).clone()
 
 
-def fingerprinted(named: Iterable[tuple[str, Tensor]], fp: Fingerprint) -> Iterator[tuple[str, Tensor]]:
+def fingerprinted(
+    named: Iterable[tuple[str, Tensor]], fp: Fingerprint
+) -> Iterator[tuple[str, Tensor]]:
     """Pass (name, tensor) pairs through, hashing each into `fp`."""
     for name, tensor in named:
         fp.update(name, tensor)
@@ -111,13 +113,14 @@ def send_broadcast(
 ) -> tuple[Fingerprint, int]:
     """Sender (trainer rank 0, group rank 0): broadcast each bucket, then the digest.
     Returns the fingerprint and the number of buckets sent."""
-    fp, n = Fingerprint(), 0
-    for n, bucket in enumerate(buckets, 1):
+    fp, sent = Fingerprint(), 0
+    for bucket in buckets:
         for name, t in bucket:
             fp.update(name, t)
         broadcast(group, flatten_bucket([t for _, t in bucket]).to(device), src=0)
+        sent += 1
     broadcast(group, fp.digest_tensor().to(device), src=0)
-    return fp, n
+    return fp, sent
 
 
 def receive_broadcast(

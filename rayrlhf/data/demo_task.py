@@ -4,8 +4,9 @@ Prompts ask about everyday topics. The gold rule scores a response by the fracti
 that come from `GOOD_WORDS`. A random-init policy says such words ~3% of the time, so the task is
 learnable in a few dozen PPO steps on CPU, and progress is easy to read in the samples.
 
-`positive_word_fraction` is a rule reward (`reward.rule: rayrlhf.data.demo_task:positive_word_fraction`);
-`make-tiny` also fits the tiny reward model to it, so the HF reward-model path learns the same task.
+`positive_word_fraction` works as a rule reward
+(`reward.rule: rayrlhf.data.demo_task:positive_word_fraction`); `make-tiny` also fits the
+tiny reward model to it, so the HF reward-model path learns the same task.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ GOOD_WORDS = frozenset(
     "wonderful friendly".split()
 )
 TOPICS = (
-    "the weather", "your day", "the cat", "a dog", "the city", "the garden", "music", "the sea",
-    "a book", "the morning", "your friend", "the park", "dinner", "the school", "a trip", "the rain",
+    "the weather", "your day", "the cat", "a dog", "the city", "the garden", "music",
+    "the sea", "a book", "the morning", "your friend", "the park", "dinner", "the school",
+    "a trip", "the rain",
 )  # fmt: skip
 _TEMPLATES = ("Tell me about {}.", "Describe {}:", "Question: how is {}? Answer:")
 _WORD = re.compile(r"[a-z]+")

@@ -61,8 +61,10 @@ class PromptSet:
         for line, text in rows:
             tokens = tokenizer(text, add_special_tokens=True)["input_ids"]
             if len(tokens) > cfg.max_prompt_tokens:
-                raise DataError(f"{where}:{line}: prompt has {len(tokens)} tokens, more than "
-                                f"data.max_prompt_tokens={cfg.max_prompt_tokens}")
+                raise DataError(
+                    f"{where}:{line}: prompt has {len(tokens)} tokens, more than "
+                    f"data.max_prompt_tokens={cfg.max_prompt_tokens}"
+                )
             texts.append(text)
             ids.append(tokens)
         return cls(texts, ids, seed)
@@ -71,7 +73,7 @@ class PromptSet:
         return len(self.texts)
 
     def batch(self, step: int, size: int) -> tuple[list[str], list[list[int]]]:
-        """The prompts of `step`: a pure function of (seed, step), so a resumed run sees the same."""
+        """The prompts of `step`, a pure function of (seed, step): a resumed run sees the same."""
         picks = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, len(self))

@@ -29,7 +29,9 @@ def load_model(kind: str, path: str, dtype: torch.dtype = torch.float32) -> nn.M
         raise ValueError(f"unknown model kind {kind!r}; valid: {sorted(LOADERS)}")
     model = LOADERS[kind].from_pretrained(path, dtype=dtype)
     if kind != "causal_lm" and model.config.num_labels != 1:
-        raise ValueError(f"{path}: a {kind} model needs num_labels=1, has {model.config.num_labels}")
+        raise ValueError(
+            f"{path}: a {kind} model needs num_labels=1, has {model.config.num_labels}"
+        )
     return model
 
 
@@ -47,7 +49,10 @@ def _inputs(sequences: Tensor, attention_mask: Tensor, device: torch.device) -> 
 
 
 def response_logprobs(
-    model: nn.Module, sequences: Tensor, attention_mask: Tensor, response_len: int,
+    model: nn.Module,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Logprobs [B, R] of the response tokens (and per-token entropy [B, R] if asked)."""
@@ -79,7 +84,9 @@ def sequence_scores(model: nn.Module, sequences: Tensor, attention_mask: Tensor)
     hidden = model.base_model(**_inputs(sequences, attention_mask, device)).last_hidden_state
     head = getattr(model, "score", None)
     if head is None:
-        raise ValueError(f"{type(model).__name__} has no 'score' head; expected a *ForSequenceClassification")
+        raise ValueError(
+            f"{type(model).__name__} has no 'score' head; expected a *ForSequenceClassification"
+        )
     columns = torch.arange(sequences.shape[1], device=device)
     last = (columns * attention_mask.to(device)).argmax(-1)
     pooled = hidden[torch.arange(sequences.shape[0], device=device), last]

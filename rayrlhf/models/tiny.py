@@ -30,7 +30,12 @@ from transformers import (
 from rayrlhf.data.demo_task import positive_word_fraction
 
 CORPUS = Path(__file__).with_name("tiny_corpus.txt")
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
 
 
 def train_tokenizer(corpus: Path = CORPUS, vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -47,7 +52,9 @@ def train_tokenizer(corpus: Path = CORPUS, vocab_size: int = 512) -> PreTrainedT
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 2) -> LlamaConfig:
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 2
+) -> LlamaConfig:
     """A Llama config sized for CPU tests: 4 heads of dim 32 (hidden 128)."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -89,8 +96,12 @@ def fit_reward_to_rule(
         for _ in range(32):
             rate = rng.random()
             n = rng.randint(2, 24)
-            rows.append([rng.choice(good_ids) if rng.random() < rate else rng.choice(other_ids)
-                         for _ in range(n)])
+            rows.append(
+                [
+                    rng.choice(good_ids) if rng.random() < rate else rng.choice(other_ids)
+                    for _ in range(n)
+                ]
+            )
         texts = [tokenizer.decode(r) for r in rows]
         target = torch.tensor(positive_word_fraction(texts, texts))
         batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
@@ -109,7 +120,9 @@ def _good_words() -> frozenset[str]:
     return GOOD_WORDS
 
 
-def make_tiny(out: str | Path, seed: int = 0, hidden: int = 128, layers: int = 2) -> dict[str, Path]:
+def make_tiny(
+    out: str | Path, seed: int = 0, hidden: int = 128, layers: int = 2
+) -> dict[str, Path]:
     """Build and save the tokenizer, policy, critic and reward model under `out`."""
     out = Path(out)
     torch.manual_seed(seed)
@@ -126,6 +139,8 @@ def make_tiny(out: str | Path, seed: int = 0, hidden: int = 128, layers: int = 2
     for role, model in (("policy", policy), ("critic", critic), ("reward", reward)):
         model.save_pretrained(paths[role])
         tokenizer.save_pretrained(paths[role])
-    print(f"tiny models in {out}: {sum(p.numel() for p in policy.parameters()):,} params each; "
-          f"reward-model fit mse={mse:.4f}")
+    print(
+        f"tiny models in {out}: {sum(p.numel() for p in policy.parameters()):,} params each; "
+        f"reward-model fit mse={mse:.4f}"
+    )
     return paths

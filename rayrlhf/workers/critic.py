@@ -21,8 +21,10 @@ class CriticWorker(DeepSpeedRole):
         """[b, R] values of this rank's shard of the rollout."""
         self.engine.eval()
         r = rollout.action_mask.shape[1]
-        out = [response_values(self.engine, mb.sequences, mb.attention_mask, r).cpu()
-               for mb in micro_batches(rollout, self.spec.micro_batch_size)]
+        out = [
+            response_values(self.engine, mb.sequences, mb.attention_mask, r).cpu()
+            for mb in micro_batches(rollout, self.spec.micro_batch_size)
+        ]
         return torch.cat(out) * rollout.action_mask
 
     def train_step(self, exp: Experience, clip_eps: float | None) -> TrainStats:
@@ -33,8 +35,9 @@ class CriticWorker(DeepSpeedRole):
         for mb in micro_batches(exp, self.spec.micro_batch_size):
             values = response_values(self.engine, mb.sequences, mb.attention_mask, r)
             dev = values.device
-            loss, clipfrac = value_loss(values, mb.old_values.to(dev), mb.returns.to(dev),
-                                        mb.action_mask.to(dev), clip_eps)
+            loss, clipfrac = value_loss(
+                values, mb.old_values.to(dev), mb.returns.to(dev), mb.action_mask.to(dev), clip_eps
+            )
             check_finite(loss, f"value loss (rank {self.spec.rank})")
             self.engine.backward(loss)
             self.engine.step()

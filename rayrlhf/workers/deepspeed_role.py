@@ -43,7 +43,11 @@ def deepspeed_config(spec: RankSpec, use_cuda: bool) -> dict:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": spec.lr, "weight_decay": spec.weight_decay, "torch_adam": not use_cuda},
+            "params": {
+                "lr": spec.lr,
+                "weight_decay": spec.weight_decay,
+                "torch_adam": not use_cuda,
+            },
         },
         "bf16": {"enabled": use_cuda},
         "steps_per_print": 10**9,
@@ -58,8 +62,12 @@ class DeepSpeedRole:
 
     def __init__(self, model_path: str, spec: RankSpec) -> None:
         os.environ.update(
-            MASTER_ADDR=spec.master_addr, MASTER_PORT=str(spec.master_port), RANK=str(spec.rank),
-            WORLD_SIZE=str(spec.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR=spec.master_addr,
+            MASTER_PORT=str(spec.master_port),
+            RANK=str(spec.rank),
+            WORLD_SIZE=str(spec.world_size),
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
         )
         torch.set_num_threads(spec.num_threads)
         torch.manual_seed(spec.seed)

@@ -23,14 +23,18 @@ from rayrlhf.workers.deepspeed_role import DeepSpeedRole
 def check_finite(value: torch.Tensor, what: str) -> None:
     """Stop with a clear error instead of training on NaN/inf."""
     if not torch.isfinite(value).all():
-        raise FloatingPointError(f"{what} is not finite ({value.flatten()[:4].tolist()}...); "
-                                 "stopping before the optimizer step corrupts the weights")
+        raise FloatingPointError(
+            f"{what} is not finite ({value.flatten()[:4].tolist()}...); "
+            "stopping before the optimizer step corrupts the weights"
+        )
 
 
 def mean_stats(stats: list[TrainStats]) -> TrainStats:
     """Field-wise mean of per-micro-batch (or per-rank) stats."""
     n = max(len(stats), 1)
-    return TrainStats(*(sum(getattr(s, f) for s in stats) / n for f in TrainStats.__dataclass_fields__))
+    return TrainStats(
+        *(sum(getattr(s, f) for s in stats) / n for f in TrainStats.__dataclass_fields__)
+    )
 
 
 class PolicyWorker(DeepSpeedRole):
@@ -43,8 +47,10 @@ class PolicyWorker(DeepSpeedRole):
         """[b, R] logprobs of this rank's shard of the rollout under the current policy."""
         self.engine.eval()
         r = rollout.action_mask.shape[1]
-        out = [response_logprobs(self.engine, mb.sequences, mb.attention_mask, r)[0].cpu()
-               for mb in micro_batches(rollout, self.spec.micro_batch_size)]
+        out = [
+            response_logprobs(self.engine, mb.sequences, mb.attention_mask, r)[0].cpu()
+            for mb in micro_batches(rollout, self.spec.micro_batch_size)
+        ]
         return torch.cat(out) * rollout.action_mask
 
     def train_step(self, exp: Experience, clip_eps: float) -> TrainStats:
@@ -55,19 +61,35 @@ class PolicyWorker(DeepSpeedRole):
         stats = []
         for mb in micro_batches(exp, self.spec.micro_batch_size):
             logprobs, entropy = response_logprobs(
-                self.engine, mb.sequences, mb.attention_mask, r, with_entropy=True)
+                self.engine, mb.sequences, mb.attention_mask, r, with_entropy=True
+            )
             mask = mb.action_mask.to(logprobs.device)
-            loss, s = ppo_policy_loss(logprobs, mb.old_logprobs.to(logprobs.device),
-                                      mb.advantages.to(logprobs.device), mask, clip_eps)
+            loss, s = ppo_policy_loss(
+                logprobs,
+                mb.old_logprobs.to(logprobs.device),
+                mb.advantages.to(logprobs.device),
+                mask,
+                clip_eps,
+            )
             check_finite(loss, f"policy loss (rank {self.spec.rank})")
             self.engine.backward(loss)
             self.engine.step()
-            grad_norm = self.engine.get_global_grad_norm() if self.engine.is_gradient_accumulation_boundary() else None
-            stats.append(TrainStats(
-                loss=loss.item(), approx_kl=s.approx_kl.item(), clipfrac=s.clipfrac.item(),
-                entropy=masked_mean(entropy.detach(), mask).item(),
-                grad_norm=float(grad_norm) if grad_norm is not None and math.isfinite(grad_norm) else 0.0,
-            ))
+            grad_norm = (
+                self.engine.get_global_grad_norm()
+                if self.engine.is_gradient_accumulation_boundary()
+                else None
+            )
+            stats.append(
+                TrainStats(
+                    loss=loss.item(),
+                    approx_kl=s.approx_kl.item(),
+                    clipfrac=s.clipfrac.item(),
+                    entropy=masked_mean(entropy.detach(), mask).item(),
+                    grad_norm=float(grad_norm)
+                    if grad_norm is not None and math.isfinite(grad_norm)
+                    else 0.0,
+                )
+            )
         return mean_stats(stats)
 
     # ---- weight sync -------------------------------------------------------------------------
@@ -111,4 +133,3 @@ class PolicyWorker(DeepSpeedRole):
             for name, t in bucket:
                 fp.update(name, t)
         return fp.hexdigest() if self.spec.rank == 0 else None
-

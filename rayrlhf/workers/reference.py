@@ -15,13 +15,17 @@ class ReferenceWorker:
         torch.set_num_threads(num_threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = load_model("causal_lm", model_path, dtype).to(device).eval().requires_grad_(False)
+        self.model = (
+            load_model("causal_lm", model_path, dtype).to(device).eval().requires_grad_(False)
+        )
         self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()
     def forward_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """[B, R] reference logprobs of the response tokens (0 on padding)."""
         r = rollout.action_mask.shape[1]
-        out = [response_logprobs(self.model, mb.sequences, mb.attention_mask, r)[0].cpu()
-               for mb in micro_batches(rollout, self.micro_batch_size)]
+        out = [
+            response_logprobs(self.model, mb.sequences, mb.attention_mask, r)[0].cpu()
+            for mb in micro_batches(rollout, self.micro_batch_size)
+        ]
         return torch.cat(out) * rollout.action_mask

@@ -28,8 +28,9 @@ def resolve_rule(spec: str) -> RuleFn:
 class RewardWorker:
     """Scores whole sequences; one float per rollout row."""
 
-    def __init__(self, model_path: str | None, rule: str | None, micro_batch_size: int,
-                 num_threads: int) -> None:
+    def __init__(
+        self, model_path: str | None, rule: str | None, micro_batch_size: int, num_threads: int
+    ) -> None:
         torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = None
@@ -44,15 +45,21 @@ class RewardWorker:
         """[B] rewards: model score plus rule score. NaN or inf stops the run with the row."""
         total = torch.zeros(len(rollout))
         if self.model is not None:
-            total += torch.cat([sequence_scores(self.model, mb.sequences, mb.attention_mask).cpu()
-                                for mb in micro_batches(rollout, self.micro_batch_size)])
+            total += torch.cat(
+                [
+                    sequence_scores(self.model, mb.sequences, mb.attention_mask).cpu()
+                    for mb in micro_batches(rollout, self.micro_batch_size)
+                ]
+            )
             _check(total, rollout, "reward model")
         if self.rule is not None:
-            rule = torch.tensor(self.rule(list(rollout.prompts), list(rollout.responses)),
-                                dtype=torch.float32)
+            rule = torch.tensor(
+                self.rule(list(rollout.prompts), list(rollout.responses)), dtype=torch.float32
+            )
             if rule.shape != (len(rollout),):
-                raise ValueError(f"reward rule returned shape {tuple(rule.shape)}, "
-                                 f"expected ({len(rollout)},)")
+                raise ValueError(
+                    f"reward rule returned shape {tuple(rule.shape)}, expected ({len(rollout)},)"
+                )
             _check(rule, rollout, "reward rule")
             total += rule
         return total
@@ -64,4 +71,5 @@ def _check(scores: torch.Tensor, rollout: Rollout, source: str) -> None:
         i = bad[0]
         raise FloatingPointError(
             f"{source} gave {scores[i].item()} for {len(bad)} row(s); first: prompt "
-            f"{rollout.prompts[i]!r}, response {rollout.responses[i]!r}")
+            f"{rollout.prompts[i]!r}, response {rollout.responses[i]!r}"
+        )

@@ -33,8 +33,11 @@ class RolloutEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
-        kv = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib else {
-            "gpu_memory_utilization": cfg.gpu_memory_utilization}
+        kv = (
+            {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)}
+            if cfg.kv_cache_gib
+            else {"gpu_memory_utilization": cfg.gpu_memory_utilization}
+        )
         self.cfg = cfg
         self.index = index
         self.llm = LLM(
@@ -49,7 +52,9 @@ class RolloutEngine:
         )
         self._tokens = 0
 
-    def generate(self, prompt_ids: list[list[int]], seed: int, greedy: bool = False) -> list[Sample]:
+    def generate(
+        self, prompt_ids: list[list[int]], seed: int, greedy: bool = False
+    ) -> list[Sample]:
         """Sample one response per prompt; `seed` makes the step's sampling reproducible."""
         from vllm import SamplingParams
 
@@ -63,7 +68,9 @@ class RolloutEngine:
             )
             for i in range(len(prompt_ids))
         ]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False
+        )
         samples = []
         for p, out in zip(prompt_ids, outs):
             o = out.outputs[0]
@@ -81,11 +88,19 @@ class RolloutEngine:
         """vLLM workers in this engine (= tensor-parallel size): members of a sync group."""
         return self.cfg.tensor_parallel_size
 
-    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
-                          backend: str, plan: list[list[ParamMeta]]) -> list[int]:
+    def init_weight_group(
+        self,
+        host: str,
+        port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str,
+        plan: list[list[ParamMeta]],
+    ) -> list[int]:
         """Broadcast transport: join the sync group (blocks until the trainer joins too)."""
         return self.llm.collective_rpc(
-            "rr_init_group", args=(host, port, rank_offset, world_size, backend, plan))
+            "rr_init_group", args=(host, port, rank_offset, world_size, backend, plan)
+        )
 
     def receive_weights(self, verify: bool) -> list[str]:
         """Broadcast transport: receive one sync; runs while the trainer broadcasts."""

@@ -38,14 +38,24 @@ class WeightSyncExtension:
             check_fingerprint(expected, fp, f"vLLM worker rank {self.rank}")
         return fp.hexdigest()
 
-    def rr_init_group(self, host: str, port: int, rank_offset: int, world_size: int,
-                      backend: str, plan: list[list[ParamMeta]]) -> int:
+    def rr_init_group(
+        self,
+        host: str,
+        port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str,
+        plan: list[list[ParamMeta]],
+    ) -> int:
         """Join the broadcast group as rank `rank_offset + tensor-parallel rank`."""
         rank = rank_offset + self.rank
         self._rr_group = new_group(backend, host, port, rank, world_size)
         self._rr_plan = plan
-        self._rr_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
+        self._rr_device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl"
             else torch.device("cpu")
+        )
         return rank
 
     def rr_receive_broadcast(self, verify: bool) -> str:

@@ -31,13 +31,22 @@ BATCH = 16
 
 @pytest.fixture(scope="module")
 def stack(tiny_models):
-    cfg = load_config(None, [
-        f"policy.model_path={tiny_models['policy']}", f"critic.model_path={tiny_models['critic']}",
-        f"reward.model_path={tiny_models['reward']}", "make_tiny_models=null",
-        f"ppo.rollout_batch_size={BATCH}", "ppo.ppo_epochs=1", "ppo.num_mini_batches=1",
-        "policy.micro_batch_size=4", "critic.micro_batch_size=8",
-        "sync.transport=broadcast", "sync.bucket_mb=0.5",  # several buckets per sync
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"policy.model_path={tiny_models['policy']}",
+            f"critic.model_path={tiny_models['critic']}",
+            f"reward.model_path={tiny_models['reward']}",
+            "make_tiny_models=null",
+            f"ppo.rollout_batch_size={BATCH}",
+            "ppo.ppo_epochs=1",
+            "ppo.num_mini_batches=1",
+            "policy.micro_batch_size=4",
+            "critic.micro_batch_size=8",
+            "sync.transport=broadcast",
+            "sync.bucket_mb=0.5",  # several buckets per sync
+        ],
+    )
     ray.init(num_cpus=8, include_dashboard=False)
     roles = Roles(cfg)
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
@@ -93,17 +102,21 @@ def test_broadcast_sync_fingerprints_match(stack):
     calls += [e.receive_weights.remote(True) for e in roles.engines]
     out = ray.get(calls)
     sent = out[0]
-    assert sent.num_buckets > 1 and sent.num_tensors == len(ray.get(roles.policy[0].param_metas.remote()))
+    assert sent.num_buckets > 1 and sent.num_tensors == len(
+        ray.get(roles.policy[0].param_metas.remote())
+    )
     trainer_fp = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
     assert sent.fingerprint == trainer_fp
-    for engine_fps in out[len(roles.policy):]:
+    for engine_fps in out[len(roles.policy) :]:
         assert engine_fps == [trainer_fp]
 
 
 def test_object_store_sync_fingerprints_match(stack):
     cfg, roles, _ = stack
     refs, sent = ray.get([p.weights_to_store.remote(cfg.sync.bucket_mb) for p in roles.policy])[0]
-    engine_fps = ray.get([e.load_weights_from_store.remote(refs, sent.fingerprint) for e in roles.engines])
+    engine_fps = ray.get(
+        [e.load_weights_from_store.remote(refs, sent.fingerprint) for e in roles.engines]
+    )
     assert engine_fps == [[sent.fingerprint]] * len(roles.engines)
 
 
@@ -132,16 +145,25 @@ def test_greedy_vllm_equals_hf_after_sync(stack, tmp_path):
     engine = [s.response_ids for s in roles.generate(ids, seed=0, greedy=True)]
     max_new = roles.cfg.rollout.max_new_tokens
     for prompt, got in zip(ids, engine):
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        want = out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        want = out[0, len(prompt) :].tolist()
         assert got == want[: len(got)] and len(got) == len(want)
 
 
 def test_saved_policy_loads_in_a_fresh_vllm_engine(stack, tmp_path):
     cfg, roles, tok = stack
     roles.save_policy(str(tmp_path / "policy"))
-    fresh = ray.remote(RolloutEngine).options(num_cpus=0).remote(str(tmp_path / "policy"), cfg.rollout, 0, 0)
+    fresh = (
+        ray.remote(RolloutEngine)
+        .options(num_cpus=0)
+        .remote(str(tmp_path / "policy"), cfg.rollout, 0, 0)
+    )
     ids = [tok(t)["input_ids"] for t in demo_prompts(4, seed=3)]
     a = ray.get(fresh.generate.remote(ids, 0, True))
     b = roles.generate(ids, seed=0, greedy=True)

@@ -15,22 +15,47 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = [
-    "step", "rollout/reward_mean", "rollout/reward_std", "rollout/kl", "policy/approx_kl",
-    "policy/clipfrac", "loss/policy", "loss/value", "policy/entropy",
-    "critic/explained_variance", "rollout/response_length", "perf/tokens_generated",
-    "perf/tokens_per_sec", "time/generate", "time/score", "time/advantage", "time/train",
-    "time/sync", "sync/bytes",
+    "step",
+    "rollout/reward_mean",
+    "rollout/reward_std",
+    "rollout/kl",
+    "policy/approx_kl",
+    "policy/clipfrac",
+    "loss/policy",
+    "loss/value",
+    "policy/entropy",
+    "critic/explained_variance",
+    "rollout/response_length",
+    "perf/tokens_generated",
+    "perf/tokens_per_sec",
+    "time/generate",
+    "time/score",
+    "time/advantage",
+    "time/train",
+    "time/sync",
+    "sync/bytes",
 ]
 
 
 def test_ppo_learns_the_demo_task(tiny_models, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "rayrlhf.cli", "train", "--config", "configs/tiny-cpu.yaml",
-        "--set", f"run_dir={run_dir}", "--set", "make_tiny_models=null",
-        "--set", f"policy.model_path={tiny_models['policy']}",
-        "--set", f"critic.model_path={tiny_models['critic']}",
-        "--set", f"reward.model_path={tiny_models['reward']}",
+        sys.executable,
+        "-m",
+        "rayrlhf.cli",
+        "train",
+        "--config",
+        "configs/tiny-cpu.yaml",
+        "--set",
+        f"run_dir={run_dir}",
+        "--set",
+        "make_tiny_models=null",
+        "--set",
+        f"policy.model_path={tiny_models['policy']}",
+        "--set",
+        f"critic.model_path={tiny_models['critic']}",
+        "--set",
+        f"reward.model_path={tiny_models['reward']}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
