@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from rayrlhf.config import ConfigError, TrainConfig, load_config
+from rayrlhf.data.prompts import DataError
 
 EXAMPLES = """examples:
   rayrlhf train                                   # the embedded tiny CPU recipe
@@ -80,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from rayrlhf.trainer import train
 
         train(cfg)
-    except ConfigError as err:
-        print(f"rayrlhf: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"rayrlhf: {err}", file=sys.stderr)
         return 2
     return 0

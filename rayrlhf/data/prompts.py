@@ -48,6 +48,7 @@ class PromptSet:
 
     def __init__(self, texts: list[str], ids: list[list[int]], seed: int) -> None:
         self.texts, self.ids, self.seed = texts, ids, seed
+        self._epoch, self._cached = -1, list[int]()
 
     @classmethod
     def load(cls, cfg: DataConfig, tokenizer, seed: int) -> PromptSet:
@@ -77,7 +78,13 @@ class PromptSet:
         picks = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, len(self))
+            picks.append(self._order(epoch)[pos])
+        return [self.texts[i] for i in picks], [self.ids[i] for i in picks]
+
+    def _order(self, epoch: int) -> list[int]:
+        """The shuffled prompt order of `epoch` (cached: consecutive steps share an epoch)."""
+        if self._epoch != epoch:
             order = list(range(len(self)))
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            picks.append(order[pos])
-        return [self.texts[i] for i in picks], [self.ids[i] for i in picks]
+            self._epoch, self._cached = epoch, order
+        return self._cached

@@ -7,6 +7,7 @@ ever holds the full parameters; gathering happens a bucket at a time when weight
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -70,6 +71,8 @@ class DeepSpeedRole:
             LOCAL_WORLD_SIZE="1",
         )
         torch.set_num_threads(spec.num_threads)
+        # DeepSpeed 0.19 calls torch.distributed APIs that warn on every gather.
+        warnings.filterwarnings("ignore", category=FutureWarning)
         torch.manual_seed(spec.seed)
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig

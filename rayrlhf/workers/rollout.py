@@ -31,6 +31,7 @@ class RolloutEngine:
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, index: int) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the run's log readable
         from vllm import LLM
 
         kv = (
