@@ -25,6 +25,7 @@ def config_help(model: type = TrainConfig, prefix: str = "") -> str:
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and hasattr(ann, "model_fields"):
+            lines.append(f"{prefix}{name}: {field.description or ''}")
             lines.append(config_help(ann, f"{prefix}{name}."))
             continue
         default = "required" if field.is_required() else repr(field.default)

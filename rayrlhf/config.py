@@ -8,6 +8,7 @@ Each field's docstring is its documentation (`rayrlhf train --help-config` print
 from __future__ import annotations
 
 import importlib.resources
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG = "tiny-cpu.yaml"
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -180,13 +182,21 @@ class TrainConfig(_Section):
     save_final: bool = True
     """Save the final policy in HF format under run_dir/policy."""
     policy: PolicyConfig
+    """The policy trainer (DeepSpeed ZeRO-3 ranks)."""
     critic: CriticConfig
+    """The value-model trainer (DeepSpeed ZeRO-3 ranks)."""
     reference: ReferenceConfig = ReferenceConfig()
+    """The frozen reference model for the KL penalty."""
     reward: RewardConfig
+    """The reward: an HF scalar model, a rule, or both."""
     rollout: RolloutConfig = RolloutConfig()
+    """The vLLM rollout engines."""
     data: DataConfig = DataConfig()
+    """The prompt set."""
     ppo: PPOConfig = PPOConfig()
+    """PPO and advantage-estimation settings."""
     sync: SyncConfig = SyncConfig()
+    """Weight sync from the policy trainer to the engines."""
 
     @model_validator(mode="after")
     def _batches_divide(self) -> TrainConfig:
@@ -218,7 +228,10 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects section.key=value, got {pair!r}")
-        out.append((key.strip(), yaml.safe_load(raw)))
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and _SCIENTIFIC.match(value):  # YAML 1.1 reads 1e-5 as text
+            value = float(value)
+        out.append((key.strip(), value))
     return out
 
 

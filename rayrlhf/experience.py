@@ -78,7 +78,8 @@ def make_experience(
         returns=returns,
     )
     lengths = mask.sum(1)
-    diff = ((rollout.engine_logprobs - scores.old_logprobs).abs() * mask).max()
+    gap = (rollout.engine_logprobs - scores.old_logprobs).abs()
+    diff = torch.where(mask.bool(), gap, torch.zeros_like(gap)).max()  # padding may hold inf
     stats = RolloutStats(
         reward_mean=scores.rewards.mean().item(),
         reward_std=scores.rewards.std().item() if len(rollout) > 1 else 0.0,

@@ -114,8 +114,10 @@ def test_rollout_batch_not_divisible_names_policy_micro_batch(tmp_path):
 
 def test_divisibility_counts_ranks_and_mini_batches(tmp_path):
     # 8 is divisible by micro_batch 2 alone, but not by 2 x 2 ranks x 4 mini-batches = 16.
-    tree = _base(policy={"model_path": "p", "num_ranks": 2, "micro_batch_size": 2},
-                 ppo={"rollout_batch_size": 8, "num_mini_batches": 4})
+    tree = _base(
+        policy={"model_path": "p", "num_ranks": 2, "micro_batch_size": 2},
+        ppo={"rollout_batch_size": 8, "num_mini_batches": 4},
+    )
     with pytest.raises(ConfigError, match="policy.micro_batch_size"):
         load_config(_write(tmp_path, tree))
     # 16 = 2 x 2 x 4 divides; the critic (2 x 1 x 4 = 8) divides too.
@@ -147,8 +149,16 @@ def test_non_mapping_top_level(tmp_path):
 
 
 def test_overrides_parse_yaml_values_through_load_config():
-    cfg = load_config(None, ["policy.lr=1e-5", "rollout.enforce_eager=false",
-                             "rollout.kv_cache_gib=null", "make_tiny_models=null", "steps=7"])
+    cfg = load_config(
+        None,
+        [
+            "policy.lr=1e-5",
+            "rollout.enforce_eager=false",
+            "rollout.kv_cache_gib=null",
+            "make_tiny_models=null",
+            "steps=7",
+        ],
+    )
     assert isinstance(cfg.policy.lr, float) and cfg.policy.lr == 1e-5
     assert cfg.rollout.enforce_eager is False
     assert cfg.rollout.kv_cache_gib is None
@@ -162,11 +172,8 @@ def test_parse_overrides_true_null_and_int():
     assert parsed["a.b"] is True
 
 
-@pytest.mark.xfail(reason="BUG: parse_overrides uses yaml.safe_load (YAML 1.1), which reads '1e-5' "
-                          "as the string '1e-5', not the float its docstring promises; load_config "
-                          "only works because pydantic coerces the string", strict=True)
 def test_parse_overrides_scientific_notation_is_float():
-    (key, value), = parse_overrides(["policy.lr=1e-5"])
+    ((key, value),) = parse_overrides(["policy.lr=1e-5"])
     assert key == "policy.lr"
     assert isinstance(value, float) and value == 1e-5
 
@@ -191,13 +198,15 @@ def test_override_through_a_scalar_is_an_error():
 
 
 def _cfg_with_paths(paths, **extra):
-    return TrainConfig.model_validate({
-        "policy": {"model_path": str(paths["policy"]), "num_ranks": 1, "micro_batch_size": 1},
-        "critic": {"model_path": str(paths["critic"]), "num_ranks": 1, "micro_batch_size": 1},
-        "reward": {"model_path": str(paths["reward"])},
-        "ppo": {"rollout_batch_size": 4},
-        **extra,
-    })
+    return TrainConfig.model_validate(
+        {
+            "policy": {"model_path": str(paths["policy"]), "num_ranks": 1, "micro_batch_size": 1},
+            "critic": {"model_path": str(paths["critic"]), "num_ranks": 1, "micro_batch_size": 1},
+            "reward": {"model_path": str(paths["reward"])},
+            "ppo": {"rollout_batch_size": 4},
+            **extra,
+        }
+    )
 
 
 def test_check_paths_missing_policy(tiny_models, tmp_path):
@@ -237,6 +246,24 @@ def test_check_tokenizers_mismatch_names_reward(tiny_models, tmp_path):
     assert "critic.model_path" not in msg  # the critic's tokenizer does match
 
 
+def test_check_tokenizers_skips_model_without_tokenizer(tiny_models, tmp_path):
+    bare = tmp_path / "critic-no-tokenizer"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_models["critic"] / f, bare / f)
+    preflight.check_tokenizers(_cfg_with_paths(dict(tiny_models, critic=bare)))  # no error
+
+
+@pytest.mark.parametrize("rule", ["no_such_module_xyz:score", "rayrlhf.data.demo_task:no_such_fn"])
+def test_check_rule_names_reward_rule(tiny_models, rule):
+    cfg = _cfg_with_paths(tiny_models, reward={"rule": rule})
+    with pytest.raises(ConfigError, match=r"reward\.rule"):
+        preflight.check_rule(cfg)
+    good_rule = "rayrlhf.data.demo_task:positive_word_fraction"
+    ok = _cfg_with_paths(tiny_models, reward={"rule": good_rule})
+    preflight.check_rule(ok)
+
+
 def _vocab(path):
     from transformers import AutoTokenizer
 
@@ -252,17 +279,26 @@ def _cli(*args):
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "rayrlhf.cli", "train", "--config", "configs/tiny-cpu.yaml", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     return proc, time.monotonic() - start
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--set", "policy.bogus=1"], "policy.bogus"),
-    (["--set", "ppo.rollout_batch_size=0"], "ppo.rollout_batch_size"),
-    (["--set", "policy.model_path=/nonexistent", "--set", "make_tiny_models=null"],
-     "policy.model_path"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--set", "policy.bogus=1"], "policy.bogus"),
+        (["--set", "ppo.rollout_batch_size=0"], "ppo.rollout_batch_size"),
+        (
+            ["--set", "policy.model_path=/nonexistent", "--set", "make_tiny_models=null"],
+            "policy.model_path",
+        ),
+    ],
+)
 def test_cli_bad_input_exits_2_before_ray(args, field):
     proc, elapsed = _cli(*args)
     out = proc.stdout + proc.stderr
@@ -274,12 +310,41 @@ def test_cli_bad_input_exits_2_before_ray(args, field):
     assert elapsed < 30
 
 
+def test_cli_bad_prompt_file_exits_2_naming_file_and_line(tiny_models, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "Tell me about the cat."}\n{"prompt": 3}\n')
+    proc, elapsed = _cli(
+        "--set",
+        f"policy.model_path={tiny_models['policy']}",
+        "--set",
+        f"critic.model_path={tiny_models['critic']}",
+        "--set",
+        f"reward.model_path={tiny_models['reward']}",
+        "--set",
+        "make_tiny_models=null",
+        "--set",
+        f"data.prompts={data}",
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert f"{data}:2:" in proc.stderr
+    assert "Traceback" not in out
+    assert "Started a local Ray instance" not in out
+    assert elapsed < 30
+
+
 def test_config_help_lists_sections_and_docstrings():
     text = config_help()
     for section in SECTIONS:
         assert f"  {section}." in text, section
-    for field in ("policy.lr", "ppo.kl_coef", "sync.bucket_mb", "policy.resources.num_cpus",
-                  "steps", "run_dir"):
+    for field in (
+        "policy.lr",
+        "ppo.kl_coef",
+        "sync.bucket_mb",
+        "policy.resources.num_cpus",
+        "steps",
+        "run_dir",
+    ):
         assert field in text, field
     assert "AdamW learning rate" in text
     assert "Per-token KL penalty coefficient" in text

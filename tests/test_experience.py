@@ -16,17 +16,22 @@ PAD = 0
 
 
 def test_rollout_module_does_not_import_vllm():
-    code = ("import sys, rayrlhf.workers.rollout, rayrlhf.experience; "
-            "print('vllm' in sys.modules or any(m.startswith('vllm.') for m in sys.modules))")
+    code = (
+        "import sys, rayrlhf.workers.rollout, rayrlhf.experience; "
+        "print('vllm' in sys.modules or any(m.startswith('vllm.') for m in sys.modules))"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
 def _samples():
-    a = Sample(prompt_ids=[11, 12], response_ids=[21, 22, 23], logprobs=[-0.1, -0.2, -0.3], text="abc")
+    a = Sample(
+        prompt_ids=[11, 12], response_ids=[21, 22, 23], logprobs=[-0.1, -0.2, -0.3], text="abc"
+    )
     b = Sample(prompt_ids=[31, 32, 33, 34], response_ids=[41], logprobs=[-0.4], text="d")
     return [a, b]
 
@@ -46,8 +51,9 @@ def test_assemble_rollout_layout():
     ]
     assert r.action_mask.dtype == torch.float32
     assert r.action_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    torch.testing.assert_close(r.engine_logprobs,
-                               torch.tensor([[-0.1, -0.2, -0.3], [-0.4, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        r.engine_logprobs, torch.tensor([[-0.1, -0.2, -0.3], [-0.4, 0.0, 0.0]])
+    )
     # Every response starts at column P.
     assert r.sequences[0, r.prompt_len].item() == 21
     assert r.sequences[1, r.prompt_len].item() == 41
@@ -67,8 +73,12 @@ def test_assemble_rollout_uses_pad_id_and_checks_lengths():
 def _rollout_and_scores(rewards=(2.0, -1.0)):
     r = assemble_rollout(_samples(), ["pa", "pb"], pad_id=PAD)
     zeros = torch.zeros(2, 3)
-    scores = Scores(rewards=torch.tensor(rewards), ref_logprobs=r.engine_logprobs.clone(),
-                    old_logprobs=r.engine_logprobs.clone(), values=zeros)
+    scores = Scores(
+        rewards=torch.tensor(rewards),
+        ref_logprobs=r.engine_logprobs.clone(),
+        old_logprobs=r.engine_logprobs.clone(),
+        values=zeros,
+    )
     return r, scores
 
 
@@ -99,7 +109,9 @@ def test_kl_penalty_and_kl_stat_by_hand():
     r, scores = _rollout_and_scores(rewards=(1.0, 0.0))
     old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, 7.0, 7.0]])  # 7.0: garbage on padding
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, -9.0, 3.0]])
-    scores = Scores(rewards=scores.rewards, ref_logprobs=ref, old_logprobs=old, values=scores.values)
+    scores = Scores(
+        rewards=scores.rewards, ref_logprobs=ref, old_logprobs=old, values=scores.values
+    )
     beta = 0.1
     ppo = PPOConfig(gamma=1.0, lam=1.0, kl_coef=beta, whiten_advantages=False, kl_estimator="k1")
     exp, stats = make_experience(r, scores, ppo)
@@ -121,11 +133,12 @@ def test_whitened_advantages_are_zero_mean_on_real_tokens():
 def test_engine_logprob_diff_ignores_padding():
     r, scores = _rollout_and_scores()
     old = r.engine_logprobs.clone()
-    old[0, 1] += 0.25       # a real token, trainer higher by 0.25
-    old[1, 0] -= 0.125      # a real token, trainer lower by 0.125
-    old[1, 2] = 1.0e6       # a padding position: must be ignored
-    scores = Scores(rewards=scores.rewards, ref_logprobs=old.clone(), old_logprobs=old,
-                    values=scores.values)
+    old[0, 1] += 0.25  # a real token, trainer higher by 0.25
+    old[1, 0] -= 0.125  # a real token, trainer lower by 0.125
+    old[1, 2] = 1.0e6  # a padding position: must be ignored
+    scores = Scores(
+        rewards=scores.rewards, ref_logprobs=old.clone(), old_logprobs=old, values=scores.values
+    )
     _, stats = make_experience(r, scores, PPOConfig(kl_coef=0.0))
     assert stats.engine_logprob_diff == pytest.approx(0.25)
 

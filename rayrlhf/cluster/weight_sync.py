@@ -74,7 +74,7 @@ class Fingerprint:
     def update(self, name: str, tensor: Tensor) -> None:
         t = tensor.detach().contiguous().cpu()
         self._h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        self._h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         self.num_bytes += t.numel() * t.element_size()
         self.num_tensors += 1
 

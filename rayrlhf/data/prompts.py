@@ -26,7 +26,8 @@ def read_jsonl_prompts(path: Path, key: str) -> list[tuple[int, str]]:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: invalid UTF-8") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on \n only: str.splitlines() also breaks at U+2028 etc., which JSON allows in strings
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

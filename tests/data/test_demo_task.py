@@ -3,17 +3,20 @@ import pytest
 from rayrlhf.data.demo_task import GOOD_WORDS, demo_prompts, positive_word_fraction
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("good day", 0.5),
-    ("", 0.0),
-    ("...!!! ,,", 0.0),  # no words at all
-    ("good, great!", 1.0),  # punctuation is not a word
-    ("Good GREAT Happy", 1.0),  # case-insensitive
-    ("the cat is nice.", 0.25),
-    ("bad sad mad", 0.0),
-    ("goodness", 0.0),  # whole words only
-    ("kind-hearted", 0.5),  # the hyphen splits: 'kind' + 'hearted'
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("good day", 0.5),
+        ("", 0.0),
+        ("...!!! ,,", 0.0),  # no words at all
+        ("good, great!", 1.0),  # punctuation is not a word
+        ("Good GREAT Happy", 1.0),  # case-insensitive
+        ("the cat is nice.", 0.25),
+        ("bad sad mad", 0.0),
+        ("goodness", 0.0),  # whole words only
+        ("kind-hearted", 0.5),  # the hyphen splits: 'kind' + 'hearted'
+    ],
+)
 def test_positive_word_fraction_hand_cases(text, expected):
     assert positive_word_fraction(["any prompt"], [text]) == [pytest.approx(expected)]
 

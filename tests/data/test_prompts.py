@@ -24,7 +24,10 @@ GOOD = '{"prompt": "Tell me about the cat."}\n'
 
 def test_reads_prompts_with_line_numbers_skipping_blank_lines(tmp_path):
     path = _jsonl(tmp_path, GOOD + "\n" + '{"prompt": "Describe the sea:", "id": 7}\n')
-    assert read_jsonl_prompts(path, "prompt") == [(1, "Tell me about the cat."), (3, "Describe the sea:")]
+    assert read_jsonl_prompts(path, "prompt") == [
+        (1, "Tell me about the cat."),
+        (3, "Describe the sea:"),
+    ]
 
 
 def test_custom_key(tmp_path):
@@ -32,15 +35,18 @@ def test_custom_key(tmp_path):
     assert read_jsonl_prompts(path, "q") == [(1, "hello")]
 
 
-@pytest.mark.parametrize("bad_line, problem", [
-    ('{"text": "no prompt key"}', "missing key 'prompt'"),
-    ('["prompt"]', "missing key 'prompt'"),
-    ('{"prompt": 17}', "must be a non-empty string"),
-    ('{"prompt": ""}', "must be a non-empty string"),
-    ('{"prompt": "   "}', "must be a non-empty string"),
-    ('{"prompt": "unterminated}', "not valid JSON"),
-    ("not json at all", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "bad_line, problem",
+    [
+        ('{"text": "no prompt key"}', "missing key 'prompt'"),
+        ('["prompt"]', "missing key 'prompt'"),
+        ('{"prompt": 17}', "must be a non-empty string"),
+        ('{"prompt": ""}', "must be a non-empty string"),
+        ('{"prompt": "   "}', "must be a non-empty string"),
+        ('{"prompt": "unterminated}', "not valid JSON"),
+        ("not json at all", "not valid JSON"),
+    ],
+)
 def test_bad_row_names_file_and_line(tmp_path, bad_line, problem):
     path = _jsonl(tmp_path, GOOD + "\n" + bad_line + "\n" + GOOD)  # bad row is on line 3
     with pytest.raises(DataError) as err:
@@ -51,7 +57,8 @@ def test_bad_row_names_file_and_line(tmp_path, bad_line, problem):
 
 
 def test_invalid_utf8_on_line_3(tmp_path):
-    path = _jsonl(tmp_path, GOOD.encode() + GOOD.encode() + b'{"prompt": "caf\xe9 au lait"}\n' + GOOD.encode())
+    latin1_row = b'{"prompt": "caf\xe9 au lait"}\n'  # 0xe9 alone is not UTF-8
+    path = _jsonl(tmp_path, GOOD.encode() * 2 + latin1_row + GOOD.encode())
     with pytest.raises(DataError) as err:
         read_jsonl_prompts(path, "prompt")
     assert str(err.value).startswith(f"{path}:3: ")
@@ -75,10 +82,6 @@ def test_empty_file(tmp_path, content):
     assert "no prompts" in str(err.value)
 
 
-@pytest.mark.xfail(reason="BUG: read_jsonl_prompts splits with str.splitlines(), which also breaks "
-                          "lines at U+2028/U+2029/U+0085 - characters JSON allows unescaped inside "
-                          "strings (json.dumps(ensure_ascii=False) writes them raw) - so a valid row "
-                          "is reported as invalid JSON and later line numbers shift", strict=True)
 def test_unicode_line_separator_inside_a_prompt(tmp_path):
     rows = [{"prompt": "first line\u2028second line"}, {"prompt": "next"}]
     path = _jsonl(tmp_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -131,7 +134,7 @@ def test_batch_covers_every_prompt_once_per_epoch(size):
     ps = _set(n, seed=1)
     stream = [t for step in range(3 * n // size + 1) for t in ps.batch(step, size)[0]]
     for epoch in range(3):
-        chunk = stream[epoch * n:(epoch + 1) * n]
+        chunk = stream[epoch * n : (epoch + 1) * n]
         assert sorted(chunk) == sorted(ps.texts), f"epoch {epoch}"
     # texts and ids stay paired
     texts, ids = ps.batch(2, size)

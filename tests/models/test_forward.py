@@ -120,7 +120,8 @@ def test_response_values_left_padding_matches_unpadded(models, pad_id):
     torch.testing.assert_close(v[1], v_alone[0], atol=1e-5, rtol=0)
     # V of the state before response token j is the head at column P - 1 + j.
     full = critic(input_ids=alone).logits[0, :, 0]
-    torch.testing.assert_close(v_alone[0], full[len(PROMPT) - 1:len(PROMPT) - 1 + r], atol=1e-5, rtol=0)
+    before = full[len(PROMPT) - 1 : len(PROMPT) - 1 + r]
+    torch.testing.assert_close(v_alone[0], before, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -154,4 +155,5 @@ def test_sequence_scores_reads_last_real_token_when_pad_equals_eos(models):
 
 def test_sequence_scores_rejects_model_without_score_head(models):
     with pytest.raises(ValueError, match="score"):
-        sequence_scores(models["policy"], torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long))
+        seq = torch.tensor([[1, 2]])
+        sequence_scores(models["policy"], seq, torch.ones_like(seq))

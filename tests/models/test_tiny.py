@@ -23,11 +23,14 @@ def test_layout(tiny_models):
         assert (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists(), role
 
 
-@pytest.mark.parametrize("role, auto, arch", [
-    ("policy", AutoModelForCausalLM, "LlamaForCausalLM"),
-    ("critic", AutoModelForTokenClassification, "LlamaForTokenClassification"),
-    ("reward", AutoModelForSequenceClassification, "LlamaForSequenceClassification"),
-])
+@pytest.mark.parametrize(
+    "role, auto, arch",
+    [
+        ("policy", AutoModelForCausalLM, "LlamaForCausalLM"),
+        ("critic", AutoModelForTokenClassification, "LlamaForTokenClassification"),
+        ("reward", AutoModelForSequenceClassification, "LlamaForSequenceClassification"),
+    ],
+)
 def test_models_load_with_from_pretrained(tiny_models, role, auto, arch):
     model = auto.from_pretrained(tiny_models[role])
     assert type(model).__name__ == arch
@@ -75,8 +78,8 @@ def _score(model, tokenizer, texts):
     seq = torch.full((len(rows), width), tokenizer.pad_token_id)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        seq[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        seq[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     with torch.no_grad():
         return sequence_scores(model, seq, mask)
 
@@ -84,11 +87,27 @@ def _score(model, tokenizer, texts):
 def test_reward_model_prefers_good_words(tiny_models, tokenizer):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"]).eval()
     good = sorted(GOOD_WORDS)
-    other = ["the", "city", "rain", "book", "table", "dinner", "school", "morning", "music",
-             "park", "sea", "dog", "trip", "weather", "garden", "friend"]
+    other = [
+        "the",
+        "city",
+        "rain",
+        "book",
+        "table",
+        "dinner",
+        "school",
+        "morning",
+        "music",
+        "park",
+        "sea",
+        "dog",
+        "trip",
+        "weather",
+        "garden",
+        "friend",
+    ]
     assert not set(other) & GOOD_WORDS
-    good_texts = [" " + " ".join(good[i:i + 4]) for i in range(0, 16, 4)]
-    other_texts = [" " + " ".join(other[i:i + 4]) for i in range(0, 16, 4)]
+    good_texts = [" " + " ".join(good[i : i + 4]) for i in range(0, 16, 4)]
+    other_texts = [" " + " ".join(other[i : i + 4]) for i in range(0, 16, 4)]
     g = _score(model, tokenizer, good_texts)
     o = _score(model, tokenizer, other_texts)
     # the rule gives 1.0 vs 0.0; the fitted model must order every pair the same way

@@ -1,0 +1,283 @@
+import queue
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rayrlhf.cluster import collective
+from rayrlhf.cluster.weight_sync import (
+    Fingerprint,
+    ParamMeta,
+    WeightSyncError,
+    check_fingerprint,
+    fingerprinted,
+    flatten_bucket,
+    plan_buckets,
+    receive_broadcast,
+    receive_digest,
+    send_broadcast,
+    unflatten_bucket,
+)
+
+F32, F16 = torch.float32, torch.float16
+
+
+def _m(name, numel, dtype=F32):
+    return ParamMeta(name, (numel,), dtype)
+
+
+def _names(buckets):
+    return [[m.name for m in b] for b in buckets]
+
+
+# ---- ParamMeta / plan_buckets ------------------------------------------------------------------
+
+
+def test_param_meta_sizes_by_hand():
+    assert ParamMeta("w", (3, 5), F16).numel == 15
+    assert ParamMeta("w", (3, 5), F16).nbytes == 30
+    assert ParamMeta("w", (2, 2, 2), F32).nbytes == 32
+    assert ParamMeta("w", (4,), torch.bfloat16).nbytes == 8
+    assert ParamMeta("s", (), F32).nbytes == 4
+
+
+def test_plan_respects_limit_keeps_order_and_isolates_oversized():
+    params = [_m("a", 10), _m("b", 10), _m("c", 10), _m("big", 100), _m("d", 1), _m("e", 5)]
+    # 40 B each for a, b, c; big = 400 B; d = 4 B; e = 20 B. Limit 100 B.
+    buckets = plan_buckets(params, 100)
+    assert _names(buckets) == [["a", "b"], ["c"], ["big"], ["d", "e"]]
+    assert [m for b in buckets for m in b] == params  # order kept, nothing lost or duplicated
+    for b in buckets:
+        assert len(b) == 1 or sum(m.nbytes for m in b) <= 100
+
+
+def test_plan_fills_exactly_to_the_limit():
+    buckets = plan_buckets([_m("a", 10), _m("b", 15), _m("c", 1)], 100)  # 40 + 60 = 100
+    assert _names(buckets) == [["a", "b"], ["c"]]
+
+
+def test_plan_oversized_first_parameter_is_alone():
+    buckets = plan_buckets([_m("big", 1000), _m("a", 1), _m("b", 1)], 64)
+    assert _names(buckets) == [["big"], ["a", "b"]]
+
+
+def test_plan_splits_on_dtype_change():
+    params = [_m("a", 2), _m("b", 2), _m("h", 2, F16), _m("i", 2, F16), _m("c", 2)]
+    buckets = plan_buckets(params, 1 << 20)  # the limit alone would allow one bucket
+    assert _names(buckets) == [["a", "b"], ["h", "i"], ["c"]]
+    for b in buckets:
+        assert len({m.dtype for m in b}) == 1
+
+
+def test_plan_empty():
+    assert plan_buckets([], 100) == []
+
+
+# ---- Fingerprint -------------------------------------------------------------------------------
+
+
+def _fp(named):
+    fp = Fingerprint()
+    for name, t in named:
+        fp.update(name, t)
+    return fp
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("w1", torch.randn(4, 3, generator=g)),
+        ("b1", torch.randn(3, generator=g)),
+        ("h", torch.randn(5, generator=g).half()),
+    ]
+
+
+def test_fingerprint_equal_for_equal_tensors():
+    a = _tensors()
+    b = [(n, t.clone()) for n, t in a]
+    assert _fp(a).hexdigest() == _fp(b).hexdigest()
+    # the same values in a non-contiguous layout hash the same
+    t = a[0][1]
+    assert _fp([("w1", t.t().contiguous().t())]).hexdigest() == _fp([("w1", t)]).hexdigest()
+
+
+def test_fingerprint_changes_with_one_ulp():
+    a = _tensors()
+    w = a[0][1].clone()
+    w[2, 1] = torch.nextafter(w[2, 1], torch.tensor(float("inf")))
+    assert w[2, 1] != a[0][1][2, 1] and torch.allclose(w, a[0][1], rtol=1e-6, atol=0)
+    b = [("w1", w)] + a[1:]
+    assert _fp(a).hexdigest() != _fp(b).hexdigest()
+
+
+def test_fingerprint_changes_with_names_order_dtype_and_shape():
+    a = _tensors()
+    base = _fp(a).hexdigest()
+    renamed = [("w2", a[0][1])] + a[1:]
+    reordered = [a[1], a[0], a[2]]
+    assert _fp(renamed).hexdigest() != base
+    assert _fp(reordered).hexdigest() != base
+    t = a[0][1]
+    same_bytes_other_dtype = t.view(torch.int32)
+    assert _fp([("w", t)]).hexdigest() != _fp([("w", same_bytes_other_dtype)]).hexdigest()
+    assert _fp([("w", t)]).hexdigest() != _fp([("w", t.reshape(3, 4))]).hexdigest()
+
+
+def test_fingerprint_counts_and_digest_tensor():
+    a = _tensors()
+    fp = _fp(a)
+    assert fp.num_tensors == 3
+    assert fp.num_bytes == 12 * 4 + 3 * 4 + 5 * 2
+    d = fp.digest_tensor()
+    assert d.dtype == torch.uint8 and d.shape == (32,)
+    assert bytes(d.tolist()).hex() == fp.hexdigest()
+
+
+def test_fingerprint_scalar_parameter():
+    fp = _fp([("scale", torch.tensor(2.0))])
+    assert fp.num_tensors == 1 and fp.num_bytes == 4
+    assert fp.hexdigest() != _fp([("scale", torch.tensor(3.0))]).hexdigest()
+
+
+def test_fingerprinted_passes_through_and_hashes():
+    a = _tensors()
+    fp = Fingerprint()
+    out = list(fingerprinted(iter(a), fp))
+    assert [n for n, _ in out] == [n for n, _ in a]
+    assert all(x is y for (_, x), (_, y) in zip(out, a))
+    assert fp.hexdigest() == _fp(a).hexdigest()
+
+
+def test_check_fingerprint():
+    a = _tensors()
+    expected = _fp(a).hexdigest()
+    assert check_fingerprint(expected, _fp(a), "engine 0") == expected
+    bad = [a[0], ("b1", a[1][1] + 1)] + a[2:]
+    with pytest.raises(WeightSyncError) as err:
+        check_fingerprint(expected, _fp(bad), "engine 3 worker 1")
+    msg = str(err.value)
+    assert "engine 3 worker 1" in msg
+    assert "mismatch" in msg
+    assert expected[:16] in msg
+    assert "3 tensors" in msg
+
+
+# ---- flatten / unflatten -----------------------------------------------------------------------
+
+
+def test_flatten_unflatten_round_trip():
+    g = torch.Generator().manual_seed(1)
+    named = [
+        ("a", torch.randn(2, 3, generator=g)),
+        ("b", torch.randn(4, generator=g)),
+        ("c", torch.randn(1, 2, 2, generator=g)),
+    ]
+    metas = [ParamMeta(n, tuple(t.shape), t.dtype) for n, t in named]
+    flat = flatten_bucket([t for _, t in named])
+    assert flat.dim() == 1 and flat.numel() == 6 + 4 + 4
+    back = unflatten_bucket(flat, metas)
+    assert [n for n, _ in back] == ["a", "b", "c"]
+    for (_, want), (_, got) in zip(named, back):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+# ---- real broadcast over a standalone gloo group, 3 processes ------------------------------------
+
+WORLD = 3
+TIMEOUT_S = 60
+
+
+def _bucket_tensors(plan, seed=123):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [(m.name, torch.randn(m.shape, generator=g).to(m.dtype)) for m in metas] for metas in plan
+    ]
+
+
+def _raw(named):
+    return [
+        (n, str(t.dtype), tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
+        for n, t in named
+    ]
+
+
+def _sync_worker(rank, port, default_port, plan, buckets, results):
+    try:
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+
+        if rank == 0:
+            # Trainer rank 0 already belongs to a default group (DeepSpeed's) on another port.
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{default_port}", rank=0, world_size=1
+            )
+        group = collective.new_group("gloo", "127.0.0.1", port, rank, WORLD, timeout_s=TIMEOUT_S)
+        cpu = torch.device("cpu")
+        if rank == 0:
+            fp, n = send_broadcast(group, iter(buckets), cpu)
+            # the default group is untouched and still usable
+            x = torch.ones(2)
+            dist.all_reduce(x)
+            assert dist.get_world_size() == 1 and x.tolist() == [1.0, 1.0]
+            dist.destroy_process_group()
+            results.put((rank, "ok", fp.hexdigest(), n, None))
+        else:
+            fp = Fingerprint()
+            received = [(name, t.clone()) for name, t in receive_broadcast(group, plan, cpu, fp)]
+            digest = receive_digest(group, cpu)
+            results.put((rank, "ok", fp.hexdigest(), digest, _raw(received)))
+    except BaseException:  # report everything to the parent rather than hang it
+        results.put((rank, "error", traceback.format_exc(), None, None))
+
+
+def test_broadcast_sync_three_processes():
+    metas = [
+        ParamMeta("embed", (64, 16), F32),
+        ParamMeta("norm", (16,), F32),
+        ParamMeta("q", (16, 16), F32),
+        ParamMeta("half", (8, 4), F16),
+        ParamMeta("head", (16, 3), F32),
+    ]
+    plan = plan_buckets(metas, 4096)  # embed alone (4 KiB), norm+q, half (dtype), head
+    assert _names(plan) == [["embed"], ["norm", "q"], ["half"], ["head"]]
+    buckets = _bucket_tensors(plan)
+    sent = [nt for b in buckets for nt in b]
+    expected = _fp(sent).hexdigest()
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port, default_port = collective.free_port(), collective.free_port()
+    procs = [
+        ctx.Process(
+            target=_sync_worker, args=(r, port, default_port, plan, buckets, results), daemon=True
+        )
+        for r in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in range(WORLD):
+            rank, status, a, b, c = results.get(timeout=TIMEOUT_S)
+            assert status == "ok", f"rank {rank} failed:\n{a}"
+            got[rank] = (a, b, c)
+        for p in procs:
+            p.join(timeout=TIMEOUT_S)
+            assert p.exitcode == 0, f"{p.name} exit code {p.exitcode}"
+    except queue.Empty:
+        pytest.fail(f"broadcast sync hung: results from ranks {sorted(got)} only")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+    sender_fp, n_buckets, _ = got[0]
+    assert sender_fp == expected
+    assert n_buckets == len(plan)
+    for rank in (1, 2):
+        received_fp, digest, raw = got[rank]
+        assert digest == expected, f"rank {rank}: digest"
+        assert received_fp == expected, f"rank {rank}: fingerprint of received tensors"
+        assert raw == _raw(sent), f"rank {rank}: tensors not bit-identical"
