@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="build tiny tokenizer/policy/critic/reward models")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--size",
+        default="tiny",
+        choices=["tiny", "100m"],
+        help="tiny: 0.5M params, the demo; 100m: ~100M params, for benchmarks",
+    )
     return parser
 
 
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make-tiny":
         from rayrlhf.models.tiny import make_tiny
 
-        make_tiny(args.out_dir, seed=args.seed)
+        make_tiny(args.out_dir, seed=args.seed, size=args.size)
         return 0
     if args.help_config:
         print(config_help())

@@ -164,6 +164,17 @@ class SyncConfig(_Section):
     """Check every sync with a weight fingerprint on each engine; a mismatch stops the run."""
 
 
+class MetricsConfig(_Section):
+    prometheus: bool = True
+    """Serve Prometheus metrics from the driver while the run lasts."""
+    host: str = "127.0.0.1"
+    """Bind address of /metrics; the default keeps it off the network."""
+    port: int = Field(9464, ge=0, le=65535)
+    """Port of /metrics; 0 picks a free one (the URL is printed at start)."""
+    plots: bool = True
+    """Write PNG plots of reward, KL and tokens/sec into run_dir at the end."""
+
+
 class TrainConfig(_Section):
     run_dir: str = "runs/tiny-ppo"
     """Output directory: metrics.jsonl, config.yaml and the final HF policy."""
@@ -197,6 +208,8 @@ class TrainConfig(_Section):
     """PPO and advantage-estimation settings."""
     sync: SyncConfig = SyncConfig()
     """Weight sync from the policy trainer to the engines."""
+    metrics: MetricsConfig = MetricsConfig()
+    """Prometheus endpoint and run-report plots."""
 
     @model_validator(mode="after")
     def _batches_divide(self) -> TrainConfig:

@@ -30,6 +30,8 @@ class RolloutStats:
     """Mean response length in tokens."""
     tokens: int
     """Response tokens generated this step."""
+    total_tokens: int
+    """Prompt plus response tokens of the batch (what each training pass reads)."""
     explained_variance: float
     """How well the critic's values predicted the returns (1 = perfectly)."""
     engine_logprob_diff: float
@@ -86,6 +88,7 @@ def make_experience(
         kl=masked_sum(kl, mask, dim=1).mean().item(),
         response_length=lengths.mean().item(),
         tokens=int(lengths.sum().item()),
+        total_tokens=int(rollout.attention_mask.sum().item()),
         explained_variance=explained_variance(scores.values, returns, mask).item(),
         engine_logprob_diff=diff.item(),
     )

@@ -1,25 +1,52 @@
-"""Step metrics: one JSON line per step in run_dir/metrics.jsonl, and a progress line on stdout.
+"""Step metrics: metrics.jsonl (one line per step), a progress line, and a Prometheus endpoint.
 
-Names are grouped: rollout/, loss/, policy/, critic/, perf/, time/, sync/.
+Names are grouped: rollout/, loss/, policy/, critic/, perf/, time/ (wall seconds of each phase of
+the driver), busy/ (compute seconds inside the slowest actor of each role), sync/.
+
+Orchestration overhead is what the step costs beyond its critical path: step seconds minus, per
+phase, the busiest role's compute seconds. It is the price of Ray, serialization and the driver.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+from collections import Counter as Tally
 from contextlib import contextmanager
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from rayrlhf.experience import RolloutStats
 from rayrlhf.types import SyncResult, TrainStats
 
+# Roles that run at the same time in one phase; the phase costs as much as the slowest of them.
+CONCURRENT = {
+    "generate": ("generate",),
+    "score": ("reward", "reference", "old_logprobs", "critic"),
+    "train": ("train_policy", "train_critic"),
+}
+PROMETHEUS_PHASES = (
+    "generate",
+    "reward",
+    "reference",
+    "old_logprobs",
+    "critic",
+    "advantage",
+    "train_policy",
+    "train_critic",
+    "sync",
+)
+
 
 class PhaseTimer:
-    """Wall-clock seconds per named phase of one step."""
+    """Wall seconds per phase of one step, and compute seconds per role reported by actors."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.busy: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, phase: str):
@@ -27,9 +54,26 @@ class PhaseTimer:
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
+    def add_busy(self, role: str, seconds: float) -> None:
+        self.busy[role] = self.busy.get(role, 0.0) + seconds
+
     @property
     def total(self) -> float:
         return sum(self.seconds.values())
+
+    @property
+    def critical_path(self) -> float:
+        """Seconds the step would take with free orchestration: per phase, the slowest role."""
+        out = 0.0
+        for phase, wall in self.seconds.items():
+            roles = CONCURRENT.get(phase)
+            out += max(self.busy.get(r, 0.0) for r in roles) if roles else wall
+        return out
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds per Prometheus phase: role compute where measured, else the wall phase."""
+        merged = {**self.seconds, **self.busy}
+        return {p: merged[p] for p in PROMETHEUS_PHASES if p in merged}
 
 
 def step_record(
@@ -39,8 +83,10 @@ def step_record(
     crt: TrainStats,
     sync: SyncResult,
     timer: PhaseTimer,
+    ppo_epochs: int = 1,
 ) -> dict[str, float]:
     """The flat metrics dict of one step (the schema of metrics.jsonl)."""
+    total = max(timer.total, 1e-9)
     rec = {
         "step": step,
         "rollout/reward_mean": r.reward_mean,
@@ -57,14 +103,19 @@ def step_record(
         "critic/clipfrac": crt.clipfrac,
         "critic/explained_variance": r.explained_variance,
         "perf/tokens_generated": r.tokens,
-        "perf/tokens_per_sec": r.tokens / max(timer.total, 1e-9),
+        "perf/total_tokens": r.total_tokens,
+        "perf/tokens_trained": r.total_tokens * ppo_epochs,
+        "perf/tokens_per_sec": r.tokens / total,
+        "perf/total_tokens_per_sec": r.total_tokens / total,
         "perf/generate_tokens_per_sec": r.tokens / max(timer.seconds.get("generate", 0), 1e-9),
         "perf/step_seconds": timer.total,
+        "perf/orchestration_overhead": max(0.0, 1 - timer.critical_path / total),
         "sync/bytes": sync.num_bytes,
         "sync/buckets": sync.num_buckets,
         "sync/gb_per_sec": sync.num_bytes / 1e9 / max(timer.seconds.get("sync", 0), 1e-9),
     }
     rec.update({f"time/{k}": v for k, v in timer.seconds.items()})
+    rec.update({f"busy/{k}": v for k, v in timer.busy.items()})
     return rec
 
 
@@ -94,6 +145,86 @@ class StepLog:
         )
 
 
+class _AtomicRegistry(CollectorRegistry):
+    """A registry whose scrapes never see half of a step's updates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def collect(self):
+        with self.lock:
+            metrics = list(super().collect())
+        yield from metrics
+
+
+class PrometheusMetrics:
+    """The driver's /metrics endpoint (prometheus-client), on its own registry."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.registry = reg = _AtomicRegistry()
+        self.tokens_generated = Counter(
+            "rayrlhf_tokens_generated", "Response tokens generated", registry=reg
+        )
+        self.tokens_trained = Counter(
+            "rayrlhf_tokens_trained", "Tokens read by policy training passes", registry=reg
+        )
+        self.engine_tokens = Counter(
+            "rayrlhf_engine_tokens_generated",
+            "Tokens generated per vLLM engine",
+            ["engine"],
+            registry=reg,
+        )
+        self.steps = Counter("rayrlhf_steps", "Completed RL steps", registry=reg)
+        self.tokens_per_sec = Gauge(
+            "rayrlhf_tokens_per_sec", "Generated tokens/s, last step", registry=reg
+        )
+        self.reward = Gauge("rayrlhf_reward_mean", "Mean reward, last step", registry=reg)
+        self.kl = Gauge("rayrlhf_kl", "KL to the reference per sequence, last step", registry=reg)
+        self.length = Gauge(
+            "rayrlhf_response_length", "Mean response tokens, last step", registry=reg
+        )
+        self.phase_seconds = Histogram(
+            "rayrlhf_phase_seconds",
+            "Seconds per phase of a step",
+            ["phase"],
+            registry=reg,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.sync_bytes = Histogram(
+            "rayrlhf_sync_bytes",
+            "Bytes per weight sync",
+            registry=reg,
+            buckets=tuple(10.0**k for k in range(5, 13)),
+        )
+        self.server, self.thread = start_http_server(port, addr=host, registry=reg)
+        self.url = f"http://{host}:{self.server.server_port}/metrics"
+
+    def observe(self, rec: dict[str, float], timer: PhaseTimer, engines: Tally) -> None:
+        """Record one step: `engines` counts the tokens each engine generated."""
+        with self.registry.lock:
+            self._observe(rec, timer, engines)
+
+    def _observe(self, rec: dict[str, float], timer: PhaseTimer, engines: Tally) -> None:
+        self.tokens_generated.inc(rec["perf/tokens_generated"])
+        self.tokens_trained.inc(rec["perf/tokens_trained"])
+        for engine, tokens in engines.items():
+            self.engine_tokens.labels(engine=str(engine)).inc(tokens)
+        self.tokens_per_sec.set(rec["perf/tokens_per_sec"])
+        self.reward.set(rec["rollout/reward_mean"])
+        self.kl.set(rec["rollout/kl"])
+        self.length.set(rec["rollout/response_length"])
+        for phase, seconds in timer.phase_seconds().items():
+            self.phase_seconds.labels(phase=phase).observe(seconds)
+        self.sync_bytes.observe(rec["sync/bytes"])
+        self.steps.inc()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All step records of a run, in order."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]

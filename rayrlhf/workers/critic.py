@@ -6,7 +6,7 @@ import torch
 
 from rayrlhf.algorithms.losses import value_loss
 from rayrlhf.models.forward import response_values
-from rayrlhf.types import Experience, Rollout, TrainStats, micro_batches
+from rayrlhf.types import Experience, Rollout, TrainStats, micro_batches, timed
 from rayrlhf.workers.deepspeed_role import DeepSpeedRole
 from rayrlhf.workers.policy import check_finite, mean_stats
 
@@ -16,6 +16,7 @@ class CriticWorker(DeepSpeedRole):
 
     MODEL_KIND = "value"
 
+    @timed
     @torch.no_grad()
     def forward_values(self, rollout: Rollout) -> torch.Tensor:
         """[b, R] values of this rank's shard of the rollout."""
@@ -27,6 +28,7 @@ class CriticWorker(DeepSpeedRole):
         ]
         return torch.cat(out) * rollout.action_mask
 
+    @timed
     def train_step(self, exp: Experience, clip_eps: float | None) -> TrainStats:
         """One pass of (clipped) value regression onto the GAE returns over this rank's shard."""
         self.engine.train()

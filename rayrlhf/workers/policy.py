@@ -16,7 +16,7 @@ from rayrlhf.algorithms.masked import masked_mean
 from rayrlhf.cluster.collective import new_group
 from rayrlhf.cluster.weight_sync import Fingerprint, ParamMeta, plan_buckets, send_broadcast
 from rayrlhf.models.forward import response_logprobs
-from rayrlhf.types import Experience, Rollout, SyncResult, TrainStats, micro_batches
+from rayrlhf.types import Experience, Rollout, SyncResult, TrainStats, micro_batches, timed
 from rayrlhf.workers.deepspeed_role import DeepSpeedRole
 
 
@@ -42,6 +42,7 @@ class PolicyWorker(DeepSpeedRole):
 
     MODEL_KIND = "causal_lm"
 
+    @timed
     @torch.no_grad()
     def forward_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """[b, R] logprobs of this rank's shard of the rollout under the current policy."""
@@ -53,6 +54,7 @@ class PolicyWorker(DeepSpeedRole):
         ]
         return torch.cat(out) * rollout.action_mask
 
+    @timed
     def train_step(self, exp: Experience, clip_eps: float) -> TrainStats:
         """One pass of clipped-PPO updates over this rank's shard (gradient accumulation inside
         DeepSpeed: it steps the optimizer every `grad_accum_steps` micro-batches)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rayrlhf.models.forward import load_model, response_logprobs
-from rayrlhf.types import Rollout, micro_batches
+from rayrlhf.types import Rollout, micro_batches, timed
 
 
 class ReferenceWorker:
@@ -20,6 +20,7 @@ class ReferenceWorker:
         )
         self.micro_batch_size = micro_batch_size
 
+    @timed
     @torch.no_grad()
     def forward_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """[B, R] reference logprobs of the response tokens (0 on padding)."""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from rayrlhf.models.forward import load_model, sequence_scores
-from rayrlhf.types import Rollout, micro_batches
+from rayrlhf.types import Rollout, micro_batches, timed
 
 RuleFn = Callable[[list[str], list[str]], list[float]]
 
@@ -40,6 +40,7 @@ class RewardWorker:
         self.rule = resolve_rule(rule) if rule else None
         self.micro_batch_size = micro_batch_size
 
+    @timed
     @torch.no_grad()
     def score(self, rollout: Rollout) -> torch.Tensor:
         """[B] rewards: model score plus rule score. NaN or inf stops the run with the row."""

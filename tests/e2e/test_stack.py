@@ -165,7 +165,7 @@ def test_saved_policy_loads_in_a_fresh_vllm_engine(stack, tmp_path):
         .remote(str(tmp_path / "policy"), cfg.rollout, 0, 0)
     )
     ids = [tok(t)["input_ids"] for t in demo_prompts(4, seed=3)]
-    a = ray.get(fresh.generate.remote(ids, 0, True))
+    a = ray.get(fresh.generate.remote(ids, 0, True)).value
     b = roles.generate(ids, seed=0, greedy=True)
     assert [s.response_ids for s in a] == [s.response_ids for s in b]
     ray.kill(fresh)

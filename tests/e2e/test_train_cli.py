@@ -6,10 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
+
+from rayrlhf.cluster.collective import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +42,29 @@ FIELDS = [
 ]
 
 
+def _scrape_while(proc: subprocess.Popen, url: str) -> list[dict[str, float]]:
+    """Scrape /metrics every 0.3 s until the run exits; unlabelled and phase-count samples."""
+    scrapes = []
+    while proc.poll() is None:
+        try:
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
+        except OSError:  # not up yet, or already closed
+            time.sleep(0.3)
+            continue
+        sample = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                phase = s.labels.get("phase")
+                if not s.labels or (phase and s.name.endswith("_count")):
+                    sample[f"{s.name}:{phase}" if phase else s.name] = s.value
+        scrapes.append(sample)
+        time.sleep(0.3)
+    return scrapes
+
+
 def test_ppo_learns_the_demo_task(tiny_models, tmp_path):
     run_dir = tmp_path / "run"
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -56,11 +82,23 @@ def test_ppo_learns_the_demo_task(tiny_models, tmp_path):
         f"critic.model_path={tiny_models['critic']}",
         "--set",
         f"reward.model_path={tiny_models['reward']}",
+        "--set",
+        f"metrics.port={port}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 40/40" in proc.stdout  # progress a person can follow
+    log = tmp_path / "stdout.txt"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            scrapes = _scrape_while(proc, f"http://127.0.0.1:{port}/metrics")
+            proc.wait(timeout=900)
+        finally:
+            proc.kill()
+    stdout = log.read_text()
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "step 40/40" in stdout  # progress a person can follow
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(40))
@@ -72,6 +110,31 @@ def test_ppo_learns_the_demo_task(tiny_models, tmp_path):
     assert last > first + 0.1, (first, last)
     assert max(r["rollout/engine_logprob_diff"] for r in records) < 1e-3  # every sync was intact
 
+    # Prometheus, scraped over HTTP during the run: counters agree with the steps logged.
+    done = [s for s in scrapes if s.get("rayrlhf_steps_total", 0) >= 1]
+    assert len(done) >= 5, f"only {len(done)} scrapes saw a finished step"
+    last_scrape = max(done, key=lambda s: s["rayrlhf_steps_total"])
+    n = int(last_scrape["rayrlhf_steps_total"])
+    assert n >= 30
+    for phase in (
+        "generate",
+        "reward",
+        "reference",
+        "critic",
+        "advantage",
+        "train_policy",
+        "train_critic",
+        "sync",
+    ):
+        assert last_scrape[f"rayrlhf_phase_seconds_count:{phase}"] == n, phase
+    tokens = sum(r["perf/tokens_generated"] for r in records[:n])
+    assert last_scrape["rayrlhf_tokens_generated_total"] == tokens
+    assert last_scrape["rayrlhf_tokens_trained_total"] == sum(
+        r["perf/tokens_trained"] for r in records[:n]
+    )
+
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     assert sum(p.numel() for p in policy.parameters()) > 0
     assert (run_dir / "config.yaml").exists()
+    for png in ("reward.png", "kl.png", "tokens_per_sec.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG", png

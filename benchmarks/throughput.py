@@ -1,0 +1,189 @@
+"""Throughput benchmark: K PPO steps per engine count, one JSON object on stdout.
+
+    python benchmarks/throughput.py --size tiny --steps 6 --engines 1 2
+    python benchmarks/throughput.py --size 100m --steps 3 --engines 1 2 --sync-compare
+
+Each run is the real training loop (`rayrlhf.trainer.train`) on the embedded tiny CPU recipe with
+the chosen model size; the first step (vLLM warm-up, first gathers) is left out of the averages.
+Definitions:
+    generated_tokens_per_sec   response tokens / step seconds
+    total_tokens_per_sec       (prompt + response) tokens / step seconds
+    tokens_per_sec_per_device  total tokens / (step seconds x devices); a device is one actor's
+                               GPU share, or its CPU bundle on a CPU-only machine
+    orchestration_overhead     1 - (per phase, the busiest role's compute seconds) / step seconds
+--sync-compare times a bucketed sync against one bucket per parameter on the same actors, and
+the machine's memory-copy bandwidth measured in the same process: the physical limit here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import ray
+import torch
+
+from rayrlhf.cluster.roles import Roles
+from rayrlhf.config import TrainConfig, load_config
+from rayrlhf.metrics import read_metrics
+from rayrlhf.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE_OVERRIDES = {
+    "tiny": ["rollout.max_new_tokens=16"],
+    "100m": [
+        "rollout.max_new_tokens=32",
+        "rollout.kv_cache_gib=1.0",
+        "ppo.ppo_epochs=1",
+        "ppo.num_mini_batches=1",
+        "data.max_prompt_tokens=64",
+    ],
+}
+
+
+def bench_config(
+    size: str, engines: int, steps: int, run_dir: str, extra: list[str]
+) -> TrainConfig:
+    models = ROOT / "models" / size
+    overrides = [
+        f"policy.model_path={models / 'policy'}",
+        f"critic.model_path={models / 'critic'}",
+        f"reward.model_path={models / 'reward'}",
+        f"rollout.num_engines={engines}",
+        f"steps={steps}",
+        f"run_dir={run_dir}",
+        "save_final=false",
+        "metrics.prometheus=false",
+        "metrics.plots=false",
+        f"make_tiny_models={models.parent / size if size == 'tiny' else None}",
+        *SIZE_OVERRIDES[size],
+        *extra,
+    ]
+    if size != "tiny" and not (models / "policy").exists():
+        sys.exit(f"build the models first: rayrlhf make-tiny {models} --size {size}")
+    return load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
+
+
+def devices(cfg: TrainConfig) -> float:
+    """Device count of the run: GPUs where actors have them, else their CPU bundles."""
+
+    def per(res, n):
+        return n * (res.num_gpus or res.num_cpus)
+
+    return (
+        per(cfg.policy.resources, cfg.policy.num_ranks)
+        + per(cfg.critic.resources, cfg.critic.num_ranks)
+        + per(cfg.reference.resources, 1)
+        + per(cfg.reward.resources, 1)
+        + per(cfg.rollout.resources, cfg.rollout.num_engines)
+    )
+
+
+def summarize(records: list[dict], cfg: TrainConfig) -> dict:
+    """Averages over the measured steps (all but the first)."""
+    rs = records[1:] or records
+    step_s = sum(r["perf/step_seconds"] for r in rs)
+    gen = sum(r["perf/tokens_generated"] for r in rs)
+    total = sum(r["perf/total_tokens"] for r in rs)
+    phases = sorted({k for r in rs for k in r if k.startswith(("time/", "busy/"))})
+    mean = {p: statistics.fmean(r.get(p, 0.0) for r in rs) for p in phases}
+    step_mean = step_s / len(rs)
+    sync_s = mean.get("time/sync", 0.0)
+    return {
+        "num_engines": cfg.rollout.num_engines,
+        "policy_ranks": cfg.policy.num_ranks,
+        "critic_ranks": cfg.critic.num_ranks,
+        "devices": devices(cfg),
+        "measured_steps": len(rs),
+        "step_seconds": step_mean,
+        "generated_tokens_per_sec": gen / step_s,
+        "total_tokens_per_sec": total / step_s,
+        "tokens_per_sec_per_device": total / (step_s * devices(cfg)),
+        "phase_seconds": {p.split("/", 1)[1]: mean[p] for p in phases if p.startswith("time/")},
+        "phase_share": {
+            p.split("/", 1)[1]: mean[p] / step_mean for p in phases if p.startswith("time/")
+        },
+        "role_busy_seconds": {p.split("/", 1)[1]: mean[p] for p in phases if p.startswith("busy/")},
+        "orchestration_overhead": statistics.fmean(r["perf/orchestration_overhead"] for r in rs),
+        "sync_seconds": sync_s,
+        "sync_share": sync_s / step_mean,
+        "sync_gb_per_sec": statistics.fmean(r["sync/gb_per_sec"] for r in rs),
+        "sync_bytes": rs[-1]["sync/bytes"],
+        "mean_reward": statistics.fmean(r["rollout/reward_mean"] for r in rs),
+    }
+
+
+def memcpy_gb_per_sec(nbytes: int, reps: int = 5) -> float:
+    """Bytes copied per second by one large tensor copy (the best of `reps`)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
+    """Bucketed vs one-parameter-per-bucket sync on the same actors (object-store transport)."""
+    roles = Roles(cfg)
+    try:
+        roles.sync_weights()  # warm-up: first gathers, first reload
+        timings = {}
+        for name, mb in (("bucketed", cfg.sync.bucket_mb), ("per_parameter", 1e-9)):
+            seconds = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                result = roles.sync_weights(bucket_mb=mb)
+                seconds.append(time.perf_counter() - start)
+            timings[name] = {"seconds": statistics.median(seconds), "buckets": result.num_buckets}
+    finally:
+        roles.shutdown()
+    nbytes = result.num_bytes
+    copy = memcpy_gb_per_sec(nbytes)
+    bucketed = timings["bucketed"]["seconds"]
+    return {
+        "bytes": nbytes,
+        **timings,
+        "speedup": timings["per_parameter"]["seconds"] / bucketed,
+        "bucketed_gb_per_sec": nbytes / bucketed / 1e9,
+        "memcpy_gb_per_sec": copy,
+        "fraction_of_memcpy": nbytes / bucketed / 1e9 / copy,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZE_OVERRIDES), default="tiny")
+    parser.add_argument("--steps", type=int, default=6, help="steps per run (first is warm-up)")
+    parser.add_argument("--engines", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sync-compare", action="store_true")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    out = {"size": args.size, "runs": []}
+    # One local cluster for every run, with a bundle for each actor of the largest; actor logs
+    # stay in Ray's files and progress goes to stderr, so stdout is the JSON alone.
+    ray.init(num_cpus=6 + max(args.engines), include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="rayrlhf-bench-") as tmp, redirect_stdout(sys.stderr):
+        for m in args.engines:
+            cfg = bench_config(args.size, m, args.steps, f"{tmp}/engines{m}", args.extra)
+            print(f"[bench] {args.size}: {m} engine(s), {args.steps} steps")
+            run_dir = train(cfg)
+            out["runs"].append(summarize(read_metrics(run_dir), cfg))
+        if args.sync_compare:
+            print(f"[bench] {args.size}: bucketed vs per-parameter sync")
+            out["sync"] = sync_compare(bench_config(args.size, 1, 1, f"{tmp}/sync", args.extra))
+    ray.shutdown()
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
