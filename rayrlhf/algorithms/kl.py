@@ -10,12 +10,25 @@ expectation under ``p`` relates to ``KL(p || p_ref)``:
 
 The controllers implement the KL coefficient ``beta`` of Ziegler et al. 2019, "Fine-Tuning
 Language Models from Human Preferences".
+
+The KL to the reference model is used in one of two ways:
+
+* **reward penalty** (Ziegler et al. 2019; PPO, REINFORCE++): :func:`kl_estimate` per token,
+  detached, enters the rewards as ``-beta * KL_t`` (``terminal_rewards_with_kl``) and reaches
+  the policy only through the advantages; k1 is the usual choice.
+* **loss term** (GRPO, Shao et al. 2024, Eq. 4): :func:`kl_loss_term` is differentiated
+  directly, ``loss = policy_loss + beta * kl_loss_term(...)``, and the rewards carry no KL.
+  Use k3 here: it is >= 0 and its gradient vanishes at ``pi == pi_ref``. The k1 loss has
+  ``d k1 / d log pi = 1`` on every sampled token whatever the KL, a gradient that is zero in
+  expectation (``E_pi[grad log pi] = 0``) and so does not pull the policy towards ``pi_ref``.
 """
 
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from rayrlhf.algorithms.losses import aggregate
 
 # A token the policy finds near-impossible can give a log-ratio of -100 or worse; exp(100)
 # overflows float32/bf16 to inf and poisons the KL mean and its gradient. exp(20) ~ 4.9e8 is
@@ -67,6 +80,43 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Ten
         valid = ", ".join(sorted(KL_ESTIMATORS))
         raise ValueError(f"unknown KL estimator {kind!r}; valid names: {valid}") from None
     return estimator(logprobs, ref_logprobs)
+
+
+def kl_loss_term(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kind: str = "k3",
+    *,
+    aggregation: str = "token_mean",
+    num_tokens_global: float | Tensor | None = None,
+    num_seqs_global: float | Tensor | None = None,
+    max_len: int | None = None,
+) -> Tensor:
+    """KL to the reference as a differentiable loss term (GRPO, Shao et al. 2024, Eq. 4).
+
+    ``L_KL = aggregate(kl_estimate(logprobs, ref_logprobs, kind), mask, aggregation, ...)``;
+    with the defaults the masked token mean of the k3 estimator, as in GRPO. Pass the same
+    aggregation and global normaliser as the policy loss (see ``losses.aggregate``) so that
+    ``policy_loss + beta * L_KL`` adds up correctly over micro-batches. Gradients flow into
+    ``logprobs`` (``ref_logprobs`` is a constant); garbage at masked positions is ignored.
+
+    Shapes: ``logprobs``, ``ref_logprobs``, ``mask`` ``[B, T]`` -> 0-dim.
+
+    Raises:
+        ValueError: for an unknown ``kind`` or invalid aggregation arguments.
+    """
+    # Cut padding out of the graph: aggregate() drops garbage values there, but a NaN/inf
+    # estimate would still send 0 * NaN = NaN gradients (e.g. k2's d * grad) to ``logprobs``.
+    lp = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
+    return aggregate(
+        kl_estimate(lp, ref_logprobs, kind),
+        mask,
+        aggregation,
+        num_tokens_global=num_tokens_global,
+        num_seqs_global=num_seqs_global,
+        max_len=max_len,
+    )
 
 
 class FixedKLController:

@@ -8,6 +8,7 @@ from rayrlhf.algorithms.kl import (
     AdaptiveKLController,
     FixedKLController,
     kl_estimate,
+    kl_loss_term,
 )
 
 
@@ -92,3 +93,42 @@ def test_adaptive_controller_compounds_over_updates():
     ctl.update(12.0, 5000)  # error clipped to 0.2, factor 1 + 0.2 * 0.5 = 1.1
     ctl.update(12.0, 5000)
     assert ctl.value == pytest.approx(0.121)
+
+
+def test_kl_loss_term_hand_case_and_gradient():
+    # token 0: log p = log 0.5, log p_ref = log 0.25 -> d = ln 2, k3 = 0.193147, k1 = 0.693147
+    # token 1: identical -> 0; token 2: padding with garbage (would be inf/NaN if used)
+    lp = torch.tensor([[math.log(0.5), math.log(0.3), float("nan")]], dtype=torch.float64)
+    lq = torch.tensor([[math.log(0.25), math.log(0.3), float("nan")]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]])
+    lp.requires_grad_()
+    loss = kl_loss_term(lp, lq, mask)  # default k3, token mean over the 2 valid tokens
+    assert loss.item() == pytest.approx(0.1931471806 / 2)
+    loss.backward()
+    # d k3 / d log p = 1 - exp(-d) = 1 - 0.5 = 0.5 on token 0, 0 on token 1; / 2 tokens
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.25, 0.0, 0.0]], dtype=torch.float64))
+    assert kl_loss_term(lp, lq, mask, "k1").item() == pytest.approx(0.6931471806 / 2)
+    # k2 = 0.5 d^2 = 0.240227 on token 0; d k2 / d log p = d = ln 2, / 2 tokens = 0.346574.
+    # Its gradient multiplies by d, so NaN padding would give 0 * NaN = NaN if it were not zeroed.
+    lp.grad = None
+    k2 = kl_loss_term(lp, lq, mask, "k2")
+    assert k2.item() == pytest.approx(0.2402265070 / 2)
+    k2.backward()
+    expected = torch.tensor([[math.log(2) / 2, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(lp.grad, expected)
+
+
+def test_kl_loss_term_aggregation_and_edge_cases():
+    lp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64))
+    lq = torch.log(torch.tensor([[0.25, 0.25], [0.25, 0.5]], dtype=torch.float64))
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # k1 per token: ln 2 on (0,0), (0,1), (1,0). Token mean 3 ln2 / 3; 6 global tokens: ln2 / 2
+    assert kl_loss_term(lp, lq, mask, "k1").item() == pytest.approx(math.log(2))
+    half = kl_loss_term(lp, lq, mask, "k1", num_tokens_global=6)
+    assert half.item() == pytest.approx(math.log(2) / 2)
+    # sequence sums (2 ln 2, ln 2) averaged: 1.5 ln 2
+    seq = kl_loss_term(lp, lq, mask, "k1", aggregation="seq_mean_token_sum")
+    assert seq.item() == pytest.approx(1.5 * math.log(2))
+    assert kl_loss_term(lp, lq, torch.zeros(2, 2)).item() == 0.0
+    with pytest.raises(ValueError, match="k1"):
+        kl_loss_term(lp, lq, mask, "k5")

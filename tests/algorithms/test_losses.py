@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from rayrlhf.algorithms.losses import (
+    AGGREGATION_MODES,
     PolicyLossStats,
+    aggregate,
+    entropy_bonus,
     entropy_from_logits,
     explained_variance,
     logprobs_from_logits,
@@ -132,3 +135,145 @@ def test_explained_variance():
     ev = explained_variance(torch.randn(2, 4), const, torch.ones(2, 4))
     assert ev.dim() == 0 and ev.item() == 0.0
     assert explained_variance(returns, returns, torch.zeros(1, 5)).item() == 0.0
+
+
+def test_dual_clip_bounds_negative_advantage_with_large_ratio():
+    ratios = [5.0, 2.0, 5.0, 0.5, 1.0]
+    adv = torch.tensor([[-1.0, -1.0, 1.0, -1.0, -7.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    logprobs = torch.tensor([[math.log(x) for x in ratios]], dtype=torch.float64)
+    logprobs.requires_grad_()
+    old = torch.zeros(1, 5, dtype=torch.float64)
+    old[0, 4] = -1e4  # garbage on padding
+
+    # eps 0.2, c 3:
+    # token 0: A=-1, r=5 -> max(5, 1.2) = 5 -> min(5, 3) = 3 (dual clip, no gradient)
+    # token 1: A=-1, r=2 -> max(2, 1.2) = 2 -> min(2, 3) = 2 (unclipped, d/dlogp = -A*r = 2)
+    # token 2: A=+1, r=5 -> max(-5, -1.2) = -1.2 (PPO clip; dual clip is for A < 0 only)
+    # token 3: A=-1, r=0.5 -> max(0.5, 0.8) = 0.8 -> min(0.8, 3) = 0.8 (PPO clip)
+    loss, stats = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=0.2, dual_clip=3.0)
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 1.2 + 0.8) / 4)
+    assert stats.clipfrac.item() == pytest.approx(0.5)
+    assert stats.dual_clipfrac.item() == pytest.approx(0.25)
+    loss.backward()
+    expected = torch.tensor([[0.0, 2.0 / 4, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logprobs.grad, expected)
+
+    # Without dual clip token 0 costs 5 and has gradient -A*r = 5.
+    plain, plain_stats = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=0.2)
+    assert plain.item() == pytest.approx((5.0 + 2.0 - 1.2 + 0.8) / 4)
+    assert plain_stats.dual_clipfrac.item() == 0.0
+    with pytest.raises(ValueError):
+        ppo_policy_loss(logprobs, old, adv, mask, clip_eps=0.2, dual_clip=1.0)
+
+
+# Row 0: 3 valid tokens (1, 2, 3) and garbage; row 1: one token (4); row 2: no valid token.
+PER_TOKEN = torch.tensor(
+    [[1.0, 2.0, 3.0, float("nan")], [4.0, 50.0, 60.0, 70.0], [8.0, 8.0, 8.0, 8.0]],
+    dtype=torch.float64,
+)
+AGG_MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+
+
+def test_aggregation_modes_hand_case():
+    # token mean (1 + 2 + 3 + 4) / 4 = 2.5; with a global count of 8 tokens: 10 / 8 = 1.25
+    assert aggregate(PER_TOKEN, AGG_MASK).item() == 2.5
+    assert aggregate(PER_TOKEN, AGG_MASK, num_tokens_global=8).item() == 1.25
+    # per-sequence means (2, 4), the empty row is not a sequence: 3; global 4 sequences: 1.5
+    assert aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_mean").item() == 3.0
+    assert aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_mean", num_seqs_global=4).item() == 1.5
+    # per-sequence sums (6, 4): 5; divided by max_len 4 first: (1.5 + 1) / 2 = 1.25
+    assert aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_sum").item() == 5.0
+    assert aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_sum", max_len=4).item() == 1.25
+    for mode in AGGREGATION_MODES:
+        assert aggregate(PER_TOKEN, torch.zeros(3, 4), mode).item() == 0.0  # not NaN
+
+
+def test_aggregation_rejects_unknown_mode_and_mismatched_normalisers():
+    with pytest.raises(ValueError, match="token_mean, seq_mean_token_mean, seq_mean_token_sum"):
+        aggregate(PER_TOKEN, AGG_MASK, "mean")
+    with pytest.raises(ValueError):
+        aggregate(PER_TOKEN, AGG_MASK, "token_mean", num_seqs_global=2)
+    with pytest.raises(ValueError):
+        aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_mean", num_tokens_global=4)
+    with pytest.raises(ValueError):
+        aggregate(PER_TOKEN, AGG_MASK, "token_mean", max_len=4)
+
+
+def _split_batch():
+    """12 right-padded rows, split 2 ranks x 3 micro-batches of very uneven token counts."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [8, 7, 1, 2, 8, 3, 1, 1, 6, 8, 2, 5]
+    x = torch.randn(12, 8, generator=g, dtype=torch.float64) + 1.0
+    mask = (torch.arange(8).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+    # rank 0: rows [0:3] (16 tokens), [3:4] (2), [4:6] (11);
+    # rank 1: rows [6:8] (2 tokens), [8:11] (16), [11:12] (5)
+    slices = [slice(0, 3), slice(3, 4), slice(4, 6), slice(6, 8), slice(8, 11), slice(11, 12)]
+    return x, mask, slices
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs"),
+    [
+        ("token_mean", {}),
+        ("seq_mean_token_mean", {}),
+        ("seq_mean_token_sum", {"max_len": 8}),
+    ],
+)
+def test_micro_batch_partials_with_global_normaliser_sum_to_whole_batch(mode, kwargs):
+    x, mask, slices = _split_batch()
+    whole = aggregate(x, mask, mode, **kwargs)
+    # What each rank would all-reduce before the step: total tokens / sequences of the batch.
+    if mode == "token_mean":
+        norm = {"num_tokens_global": int(mask.sum())}  # 52
+    else:
+        norm = {"num_seqs_global": 12}
+    partials = [aggregate(x[s], mask[s], mode, **norm, **kwargs) for s in slices]
+    assert abs(sum(p.item() for p in partials) - whole.item()) < 1e-6
+    # The naive alternative, averaging each micro-batch's own mean, gives a different number.
+    naive = sum(aggregate(x[s], mask[s], mode, **kwargs).item() for s in slices) / len(slices)
+    assert abs(naive - whole.item()) > 1e-2
+
+
+def test_accumulated_policy_gradients_equal_whole_batch_gradients():
+    x, mask, slices = _split_batch()
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(12, 8, generator=g, dtype=torch.float64)
+    adv = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    logprobs = (old + 0.3 * x).requires_grad_()  # ratios exp(+-0.3 x): some tokens clip
+
+    whole, _ = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=0.2, dual_clip=3.0)
+    (whole_grad,) = torch.autograd.grad(whole, logprobs)
+    total = 0.0
+    for s in slices:
+        part, _ = ppo_policy_loss(
+            logprobs[s], old[s], adv[s], mask[s], 0.2, dual_clip=3.0, num_tokens_global=52
+        )
+        part.backward()  # accumulates into logprobs.grad, as micro-batch steps do
+        total += part.item()
+    assert total == pytest.approx(whole.item(), abs=1e-9)
+    torch.testing.assert_close(logprobs.grad, whole_grad)
+
+
+def test_policy_loss_sequence_aggregation_hand_case():
+    # ratio 1, so per-token loss is -A: rows (-1, -2) and (-3)
+    adv = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    lp = torch.zeros(2, 3, dtype=torch.float64)
+    loss, _ = ppo_policy_loss(lp, lp, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(-6.0 / 3)  # token mean, the default
+    loss, _ = ppo_policy_loss(lp, lp, adv, mask, 0.2, aggregation="seq_mean_token_mean")
+    assert loss.item() == pytest.approx(-(1.5 + 3.0) / 2)
+    loss, _ = ppo_policy_loss(lp, lp, adv, mask, 0.2, aggregation="seq_mean_token_sum", max_len=3)
+    assert loss.item() == pytest.approx(-(3.0 / 3 + 3.0 / 3) / 2)
+
+
+def test_entropy_bonus_aggregates_and_keeps_gradient():
+    entropy = torch.tensor([[1.0, 2.0, 3.0], [5.0, 7.0, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    bonus = entropy_bonus(entropy, mask)
+    assert bonus.item() == pytest.approx((1.0 + 2.0 + 5.0) / 3)
+    seq = entropy_bonus(entropy, mask, "seq_mean_token_mean")
+    assert seq.item() == pytest.approx((1.5 + 5.0) / 2)
+    bonus.backward()
+    torch.testing.assert_close(entropy.grad, mask.float() / 3)

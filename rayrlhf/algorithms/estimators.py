@@ -1,0 +1,177 @@
+"""Advantage estimators for critic-free RL, a name registry, and best-of-N selection.
+
+Convention: ``rewards`` ``[B]`` are sequence-level scores (KL-shaped already if the caller
+wants); ``mask`` ``[B, T]`` is 1 on action (response) tokens. Group estimators take ``n``
+samples per prompt with rows ``[k*n, (k+1)*n)`` holding the samples of prompt ``k``, so
+``B % n == 0``. Every estimator returns per-token advantages ``[B, T]``: the sequence
+advantage on each action token and exactly 0 elsewhere. They run under ``no_grad`` (advantages
+are constants for the policy loss). A group of one sample, or a group whose rewards are all
+equal, carries no learning signal and gets advantage exactly 0 (never NaN).
+
+Call signatures by registry name (a driver branches on these):
+
+* ``"gae"`` -> :func:`~rayrlhf.algorithms.advantages.gae`
+  ``(token_rewards, values, mask, gamma, lam) -> (advantages, returns)``; needs a critic.
+* ``"grpo"``, ``"dr_grpo"``, ``"rloo"`` ``(rewards, mask, n) -> advantages``.
+* ``"reinforce_pp"`` ``(rewards, mask, kl=None, kl_coef=0.0) -> advantages``.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from rayrlhf.algorithms.advantages import gae, terminal_rewards_with_kl
+from rayrlhf.algorithms.masked import masked_whiten
+
+
+def _grouped(rewards: Tensor, mask: Tensor, n: int) -> Tensor:
+    """``rewards`` ``[B]`` as a float ``[B // n, n]`` view, after checking the layout."""
+    if rewards.dim() != 1 or mask.dim() != 2 or mask.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"expected rewards [B] and mask [B, T], got {tuple(rewards.shape)}, {tuple(mask.shape)}"
+        )
+    if n < 1 or rewards.shape[0] % n != 0:
+        raise ValueError(f"batch size {rewards.shape[0]} is not a multiple of group size {n}")
+    r = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
+    return r.view(-1, n)
+
+
+def _centered(groups: Tensor) -> Tensor:
+    """``r - mean(group)`` per row of ``[G, n]``; exactly 0 in groups of equal rewards.
+
+    The explicit zero matters: a float mean of equal values can differ from them by one ulp,
+    which GRPO's division by a ~0 std would blow up.
+    """
+    spread = groups.amax(dim=1, keepdim=True) - groups.amin(dim=1, keepdim=True)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    return torch.where(spread > 0, centered, torch.zeros_like(centered))
+
+
+def _broadcast(seq_advantages: Tensor, mask: Tensor) -> Tensor:
+    """Sequence advantages ``[G, n]`` -> ``[B, T]`` on action tokens, exactly 0 elsewhere."""
+    per_row = seq_advantages.reshape(-1, 1).expand(mask.shape)
+    return torch.where(mask.bool(), per_row, torch.zeros_like(per_row))
+
+
+@torch.no_grad()
+def grpo_advantages(rewards: Tensor, mask: Tensor, n: int, eps: float = 1e-6) -> Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, "DeepSeekMath", Sec. 4.1.2).
+
+    ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)`` over the ``n`` samples ``g`` of a prompt.
+    ``std`` is the unbiased (Bessel, ``n - 1``) sample std, as ``torch.std`` computes it in the
+    common GRPO implementations; for ``n = 2`` and rewards ``{0, 1}`` this gives
+    ``+-1/sqrt(2)``. Groups of one sample or of equal rewards give 0.
+
+    Shapes: ``rewards`` ``[B]``, ``mask`` ``[B, T]`` -> ``[B, T]``.
+    """
+    centered = _centered(_grouped(rewards, mask, n))
+    std = (centered.pow(2).sum(dim=1, keepdim=True) / max(n - 1, 1)).sqrt()
+    return _broadcast(centered / (std + eps), mask)
+
+
+@torch.no_grad()
+def dr_grpo_advantages(rewards: Tensor, mask: Tensor, n: int) -> Tensor:
+    """Dr. GRPO advantages ``A_i = r_i - mean_g(r)`` (Liu et al. 2025, "Understanding
+    R1-Zero-Like Training: A Critical Perspective"): GRPO without the std division, which
+    over-weights prompts that are nearly always (or never) solved.
+
+    Dr. GRPO also removes GRPO's per-response length normalisation ``1/|o_i|``: aggregate the
+    loss with ``aggregation="seq_mean_token_sum"`` and a constant ``max_len`` (the generation
+    budget), not ``"seq_mean_token_mean"``. Shapes: ``rewards`` ``[B]``, ``mask`` ``[B, T]`` ->
+    ``[B, T]``.
+    """
+    return _broadcast(_centered(_grouped(rewards, mask, n)), mask)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: Tensor, mask: Tensor, n: int) -> Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, "Back to Basics").
+
+    ``A_i = r_i - (1/(n-1)) sum_{j != i} r_j = n/(n-1) * (r_i - mean_g(r))``: the baseline of
+    each sample is the mean reward of the other samples of its prompt, so it is unbiased.
+    ``n = 1`` (no other sample) gives 0. Shapes: ``rewards`` ``[B]``, ``mask`` ``[B, T]`` ->
+    ``[B, T]``.
+    """
+    centered = _centered(_grouped(rewards, mask, n))
+    return _broadcast(centered * (n / max(n - 1, 1)), mask)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    rewards: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0
+) -> Tensor:
+    """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for
+    Aligning Large Language Models"): token-level KL-shaped returns, whitened over the batch.
+
+    ``r_t = -kl_coef * KL_t + 1[t = t_last] * R`` on action tokens
+    (:func:`~rayrlhf.algorithms.advantages.terminal_rewards_with_kl`; ``kl=None`` means no
+    penalty), ``G_t = sum_{s >= t} r_s`` (reward-to-go, ``gamma = 1``), then
+    ``A = (G - mean) / sqrt(Var + 1e-8)`` with the GLOBAL mean / population variance over all
+    action tokens of the batch (:func:`~rayrlhf.algorithms.masked.masked_whiten`). There are
+    no groups; a batch whose returns are all equal (e.g. one row, no KL) gets exactly 0.
+
+    Shapes: ``rewards`` ``[B]``, ``mask`` ``[B, T]``, ``kl`` ``[B, T]`` or None -> ``[B, T]``.
+    """
+    r = _grouped(rewards, mask, 1).view(-1)
+    kl = torch.zeros(mask.shape, dtype=r.dtype, device=r.device) if kl is None else kl
+    token_rewards = terminal_rewards_with_kl(r, kl, mask, kl_coef)
+    returns = token_rewards.flip(1).cumsum(dim=1).flip(1)
+    valid_returns = returns[mask.bool()]
+    if valid_returns.numel() == 0 or bool(valid_returns.max() == valid_returns.min()):
+        # Whitening would amplify the mean's rounding error by 1/sqrt(eps) = 1e4.
+        return torch.zeros_like(returns)
+    return masked_whiten(returns, mask)
+
+
+AdvantageEstimator = Callable[..., Tensor | tuple[Tensor, Tensor]]
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "gae": gae,
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+}
+
+_NEEDS_CRITIC = frozenset({"gae"})
+
+
+def get_estimator(name: str) -> AdvantageEstimator:
+    """The advantage function registered as ``name`` (signatures: see the module docstring).
+
+    Raises:
+        ValueError: if ``name`` is not one of ``ADVANTAGE_ESTIMATORS``.
+    """
+    try:
+        return ADVANTAGE_ESTIMATORS[name]
+    except KeyError:
+        valid = ", ".join(sorted(ADVANTAGE_ESTIMATORS))
+        raise ValueError(f"unknown advantage estimator {name!r}; valid names: {valid}") from None
+
+
+def needs_critic(name: str) -> bool:
+    """Whether estimator ``name`` needs value estimates (a critic): only ``"gae"``.
+
+    Raises:
+        ValueError: if ``name`` is not one of ``ADVANTAGE_ESTIMATORS``.
+    """
+    get_estimator(name)
+    return name in _NEEDS_CRITIC
+
+
+def best_of_n(scores: Tensor, n: int) -> Tensor:
+    """Best-of-N selection (rejection sampling; cf. Nakano et al. 2021, Touvron et al. 2023).
+
+    For each group of ``n`` consecutive rows (the samples of one prompt) returns the row index
+    ``k*n + j`` in ``[0, B)`` of the highest score, the first one on ties, so that
+    ``batch[best_of_n(scores, n)]`` selects the winners. Shapes: ``scores`` ``[B]`` ->
+    ``LongTensor [B // n]``.
+
+    Raises:
+        ValueError: if ``scores`` is not 1-D or ``B`` is not a multiple of ``n``.
+    """
+    if scores.dim() != 1 or n < 1 or scores.shape[0] % n != 0:
+        raise ValueError(f"expected scores [B] with B a multiple of n={n}, got {scores.shape}")
+    within = scores.view(-1, n).argmax(dim=1)
+    return within + torch.arange(0, scores.shape[0], n, device=scores.device)

@@ -1,0 +1,157 @@
+import math
+
+import pytest
+import torch
+
+from rayrlhf.algorithms.advantages import gae
+from rayrlhf.algorithms.estimators import (
+    ADVANTAGE_ESTIMATORS,
+    best_of_n,
+    dr_grpo_advantages,
+    get_estimator,
+    grpo_advantages,
+    needs_critic,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+
+GROUP_ESTIMATORS = [grpo_advantages, dr_grpo_advantages, rloo_advantages]
+
+# Two prompts, n = 3 samples each: rewards (1, 2, 6) and (5, 5, 5). Row 4 has no action token.
+REWARDS = torch.tensor([1.0, 2.0, 6.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+MASK = torch.tensor(
+    [
+        [1, 1, 0, 0],
+        [0, 1, 1, 1],
+        [1, 0, 0, 0],
+        [1, 1, 1, 1],
+        [0, 0, 0, 0],
+        [1, 1, 0, 0],
+    ]
+)
+
+
+def _spread(seq_adv):
+    """Hand-written per-row advantages placed on MASK's action tokens."""
+    return torch.tensor(seq_adv, dtype=torch.float64).unsqueeze(1) * MASK
+
+
+def test_grpo_hand_case():
+    # Group 1: mean 3, deviations (-2, -1, 3); unbiased var = (4 + 1 + 9) / 2 = 7, std = sqrt 7.
+    # Group 2: all equal -> 0.
+    s = math.sqrt(7) + 1e-6
+    expected = _spread([-2 / s, -1 / s, 3 / s, 0.0, 0.0, 0.0])
+    out = grpo_advantages(REWARDS, MASK, n=3)
+    torch.testing.assert_close(out, expected)
+    # -2/sqrt(7) = -0.755929: the population std (sqrt(14/3)) would give -0.925820 instead.
+    assert out[0, 0].item() == pytest.approx(-0.755929, abs=1e-6)
+    assert torch.all(out[~MASK.bool()] == 0)
+
+
+def test_grpo_two_samples_and_integer_rewards():
+    # rewards {0, 1}: mean 0.5, unbiased std = sqrt(0.5) -> +-0.5 / 0.707107 = +-0.707107
+    out = grpo_advantages(torch.tensor([0, 1]), torch.ones(2, 2), n=2)
+    assert out.is_floating_point()
+    torch.testing.assert_close(out, torch.tensor([[-1.0, -1.0], [1.0, 1.0]]) / math.sqrt(2))
+
+
+def test_dr_grpo_hand_case():
+    out = dr_grpo_advantages(REWARDS, MASK, n=3)
+    torch.testing.assert_close(out, _spread([-2.0, -1.0, 3.0, 0.0, 0.0, 0.0]))
+
+
+def test_rloo_hand_case():
+    # Leave-one-out baselines: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5.
+    out = rloo_advantages(REWARDS, MASK, n=3)
+    torch.testing.assert_close(out, _spread([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
+def test_group_of_one_gives_zero_not_nan(estimator):
+    rewards = torch.tensor([0.3, -2.0, 7.5])
+    out = estimator(rewards, torch.ones(3, 4), n=1)
+    assert torch.equal(out, torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
+def test_all_equal_rewards_give_exactly_zero(estimator):
+    # 0.1 is not exact in binary: the float mean of (0.1, 0.1, 0.1) is off by an ulp, which a
+    # division by a ~0 std would blow up unless equal groups are zeroed explicitly.
+    for dtype in (torch.float32, torch.float64):
+        rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7], dtype=dtype)
+        out = estimator(rewards, torch.ones(6, 3), n=3)
+        assert torch.equal(out, torch.zeros(6, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
+def test_group_estimators_are_constants_and_check_layout(estimator):
+    rewards = torch.tensor([1.0, 0.0, 3.0, 2.0], requires_grad=True)
+    out = estimator(rewards, torch.ones(4, 2), n=2)
+    assert not out.requires_grad
+    with pytest.raises(ValueError, match="multiple"):
+        estimator(rewards, torch.ones(4, 2), n=3)
+
+
+def test_reinforce_pp_hand_case():
+    kl = torch.tensor([[9.0, 1.0, 2.0, 3.0], [2.0, 4.0, 9.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    rewards = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    # kl_coef 0.1: token rewards row 0 = (0, -0.1, -0.2, -0.3 + 1) = (0, -0.1, -0.2, 0.7)
+    #                            row 1 = (-0.2, -0.4 - 1, 0, 0)
+    # reward-to-go:  row 0 = (-, 0.4, 0.5, 0.7), row 1 = (-1.6, -1.4, -, -)
+    # global mean = (0.4 + 0.5 + 0.7 - 1.6 - 1.4) / 5 = -0.28
+    # deviations 0.68, 0.78, 0.98, -1.32, -1.12; squares sum to 5.028 -> var = 1.0056
+    std = math.sqrt(1.0056)
+    expected = torch.tensor(
+        [[0.0, 0.68 / std, 0.78 / std, 0.98 / std], [-1.32 / std, -1.12 / std, 0.0, 0.0]],
+        dtype=torch.float64,
+    )
+    out = reinforce_pp_advantages(rewards, mask, kl=kl, kl_coef=0.1)
+    torch.testing.assert_close(out, expected)
+    assert torch.all(out[~mask.bool()] == 0)
+
+
+def test_reinforce_pp_without_kl_and_degenerate_batches():
+    # No KL: returns are R on every action token; rewards (2, 0), 2 tokens each -> +-1.
+    out = reinforce_pp_advantages(torch.tensor([2.0, 0.0]), torch.ones(2, 2))
+    torch.testing.assert_close(out, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+    # All-equal rewards (no groups here: the whole batch) and a single row give exactly 0. The
+    # float32 mean of twelve 0.1s is off by ~1e-8, which whitening alone would turn into 1e-4.
+    for rewards in (torch.full((4,), 0.1), torch.tensor([3.7])):
+        out = reinforce_pp_advantages(rewards, torch.ones(rewards.shape[0], 3))
+        assert torch.equal(out, torch.zeros(rewards.shape[0], 3))
+    assert torch.equal(
+        reinforce_pp_advantages(torch.tensor([1.0]), torch.zeros(1, 3)), torch.zeros(1, 3)
+    )
+
+
+def test_registry_and_needs_critic():
+    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
+    assert get_estimator("gae") is gae
+    assert get_estimator("rloo") is rloo_advantages
+    assert needs_critic("gae") is True
+    for name in ("grpo", "dr_grpo", "rloo", "reinforce_pp"):
+        assert needs_critic(name) is False
+    with pytest.raises(ValueError, match="dr_grpo, gae, grpo, reinforce_pp, rloo"):
+        get_estimator("ppo")
+    with pytest.raises(ValueError, match="valid names"):
+        needs_critic("ppo")
+
+
+def test_best_of_n_hand_case_first_on_ties():
+    scores = torch.tensor([0.1, 0.9, 0.9, 3.0, -1.0, 2.0, -5.0, -5.0, -5.0])
+    # group 0: tie between rows 1 and 2 -> 1; group 1: row 3; group 2: all tied -> row 6
+    out = best_of_n(scores, n=3)
+    assert out.dtype == torch.long
+    assert out.tolist() == [1, 3, 6]
+
+
+def test_best_of_n_matches_python_argmax():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (40,), generator=g).float()  # many ties
+    n = 5
+    expected = [k * n + max(range(n), key=lambda j: scores[k * n + j].item()) for k in range(8)]
+    assert best_of_n(scores, n).tolist() == expected
+    assert best_of_n(scores, 1).tolist() == list(range(40))
+    with pytest.raises(ValueError):
+        best_of_n(scores, 3)
