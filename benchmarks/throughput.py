@@ -61,7 +61,7 @@ def bench_config(
         "save_final=false",
         "metrics.prometheus=false",
         "metrics.plots=false",
-        f"make_tiny_models={models.parent / size if size == 'tiny' else None}",
+        f"make_tiny_models={models.parent / size if size == 'tiny' else 'null'}",
         *SIZE_OVERRIDES[size],
         *extra,
     ]

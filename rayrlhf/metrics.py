@@ -122,7 +122,7 @@ def step_record(
 class StepLog:
     """Appends step records to metrics.jsonl and prints one readable line per step."""
 
-    def __init__(self, run_dir: Path, total_steps: int, stream=sys.stdout) -> None:
+    def __init__(self, run_dir: Path, total_steps: int, stream=None) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.total = total_steps
         self.stream = stream
@@ -140,7 +140,7 @@ class StepLog:
             f"| {rec['perf/tokens_per_sec']:.0f} tok/s | step {rec['perf/step_seconds']:.1f}s "
             f"(gen {rec['time/generate']:.1f} score {rec['time/score']:.1f} "
             f"train {rec['time/train']:.1f} sync {rec['time/sync']:.2f}) | eta {eta:.0f}s",
-            file=self.stream,
+            file=self.stream or sys.stdout,  # looked up now: callers may redirect stdout
             flush=True,
         )
 

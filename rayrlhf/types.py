@@ -128,7 +128,7 @@ class SyncResult:
     """What one weight sync moved, and its verification."""
 
     fingerprint: str
-    """blake2b hex digest over every (name, dtype, shape, bytes) sent, in order."""
+    """SHA-256 hex digest over every (name, dtype, shape, bytes) sent, in order."""
     num_bytes: int
     """Bytes of parameters sent."""
     num_tensors: int

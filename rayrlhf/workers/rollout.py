@@ -54,6 +54,9 @@ class RolloutEngine:
             enable_prefix_caching=False,
             **kv,
         )
+        # The first generate pays vLLM's one-off warm-up (~8 s on CPU); pay it at start-up so
+        # step times measure steps.
+        self.generate([[0]], seed=0, greedy=True)
 
     @timed
     def generate(
