@@ -1,4 +1,4 @@
-"""`rayrlhf` command line: train | make-tiny | check-config.
+"""`rayrlhf` command line: train | make-tiny | check-config | check-placement.
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (config, paths, data) found before Ray starts.
 """
@@ -15,6 +15,8 @@ EXAMPLES = """examples:
   rayrlhf train                                   # the embedded tiny CPU recipe
   rayrlhf train --config configs/tiny-cpu.yaml --set ppo.rollout_batch_size=16 --set steps=5
   rayrlhf check-config --config configs/tiny-cpu.yaml
+  rayrlhf check-placement --config configs/llama3-8b-2x8xa100.yaml \
+      --cluster deploy/cluster-shapes/llama3-8b-2x8xa100.yaml
   rayrlhf make-tiny models/tiny
 """
 
@@ -55,6 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--help-config", action="store_true", help="list every config field and exit"
         )
+    place = sub.add_parser(
+        "check-placement",
+        help="check that every role's bundles fit on a cluster (a shape file, or the live one)",
+    )
+    place.add_argument("--config", help="YAML recipe (default: the embedded tiny CPU recipe)")
+    place.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set rollout.num_engines=16 (repeatable)",
+    )
+    place.add_argument(
+        "--cluster", help="cluster shape YAML (deploy/cluster-shapes/); default: the live cluster"
+    )
     tiny = sub.add_parser("make-tiny", help="build tiny tokenizer/policy/critic/reward models")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -74,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
         make_tiny(args.out_dir, seed=args.seed, size=args.size)
         return 0
+    if args.command == "check-placement":
+        from rayrlhf.cluster.capacity import check_placement_main
+
+        return check_placement_main(args.config, args.overrides, args.cluster)
     if args.help_config:
         print(config_help())
         return 0

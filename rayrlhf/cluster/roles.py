@@ -15,6 +15,7 @@ import ray
 import torch
 from ray.util.placement_group import remove_placement_group
 
+from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
 from rayrlhf.cluster.collective import free_port, resolve_backend
 from rayrlhf.cluster.placement import actor_options, reserve
 from rayrlhf.config import Resources, TrainConfig
@@ -49,6 +50,8 @@ class Roles:
     """Handles to every actor of a run, created in their own placement groups."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        # Fail in seconds, naming the role, rather than after placement_timeout_s.
+        check_capacity(cfg, cluster_shape_from_ray())
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
         self.placement_groups: list = []
