@@ -40,8 +40,8 @@ SIZE_OVERRIDES = {
     "100m": [
         "rollout.max_new_tokens=32",
         "rollout.kv_cache_gib=1.0",
-        "ppo.ppo_epochs=1",
-        "ppo.num_mini_batches=1",
+        "algorithm.ppo_epochs=1",
+        "algorithm.num_mini_batches=1",
         "data.max_prompt_tokens=64",
     ],
 }
@@ -78,7 +78,11 @@ def devices(cfg: TrainConfig) -> float:
 
     return (
         per(cfg.policy.resources, cfg.policy.num_ranks)
-        + per(cfg.critic.resources, cfg.critic.num_ranks)
+        + (
+            per(cfg.active_critic.resources, cfg.active_critic.num_ranks)
+            if cfg.active_critic
+            else 0
+        )
         + per(cfg.reference.resources, 1)
         + per(cfg.reward.resources, 1)
         + per(cfg.rollout.resources, cfg.rollout.num_engines)
@@ -98,7 +102,7 @@ def summarize(records: list[dict], cfg: TrainConfig) -> dict:
     return {
         "num_engines": cfg.rollout.num_engines,
         "policy_ranks": cfg.policy.num_ranks,
-        "critic_ranks": cfg.critic.num_ranks,
+        "critic_ranks": cfg.active_critic.num_ranks if cfg.active_critic else 0,
         "devices": devices(cfg),
         "measured_steps": len(rs),
         "step_seconds": step_mean,

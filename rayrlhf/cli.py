@@ -1,4 +1,4 @@
-"""`rayrlhf` command line: train | make-tiny | check-config | check-placement.
+"""`rayrlhf` command line: train | dpo | best-of-n | make-tiny | check-config | check-placement.
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (config, paths, data) found before Ray starts.
 """
@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import get_args
 
 from rayrlhf.config import ConfigError, TrainConfig, load_config
 from rayrlhf.data.prompts import DataError
 
 EXAMPLES = """examples:
   rayrlhf train                                   # the embedded tiny CPU recipe
-  rayrlhf train --config configs/tiny-cpu.yaml --set ppo.rollout_batch_size=16 --set steps=5
+  rayrlhf train --config configs/tiny-cpu.yaml --set algorithm.rollout_batch_size=16 --set steps=5
   rayrlhf check-config --config configs/tiny-cpu.yaml
   rayrlhf check-placement --config configs/llama3-8b-2x8xa100.yaml \
       --cluster deploy/cluster-shapes/llama3-8b-2x8xa100.yaml
   rayrlhf make-tiny models/tiny
+  rayrlhf dpo --config configs/dpo-tiny-cpu.yaml --set epochs=1
+  rayrlhf best-of-n --config configs/tiny-cpu.yaml --n 8 --prompts 64
 """
 
 
@@ -25,7 +28,15 @@ def config_help(model: type = TrainConfig, prefix: str = "") -> str:
     """Every config field with its type, default and docstring, as dotted names."""
     lines = []
     for name, field in model.model_fields.items():
-        ann = field.annotation
+        # An optional section (e.g. `critic: CriticConfig | None`) documents its model's fields.
+        ann = next(
+            (
+                a
+                for a in (field.annotation, *get_args(field.annotation))
+                if isinstance(a, type) and hasattr(a, "model_fields")
+            ),
+            field.annotation,
+        )
         if isinstance(ann, type) and hasattr(ann, "model_fields"):
             lines.append(f"{prefix}{name}: {field.description or ''}")
             lines.append(config_help(ann, f"{prefix}{name}."))
@@ -73,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument(
         "--cluster", help="cluster shape YAML (deploy/cluster-shapes/); default: the live cluster"
     )
+    dpo = sub.add_parser("dpo", help="run DPO on preference pairs")
+    bon = sub.add_parser("best-of-n", help="sample n responses per prompt, keep the reward's best")
+    for p, default in ((dpo, "configs/dpo-tiny-cpu.yaml"), (bon, "configs/tiny-cpu.yaml")):
+        p.add_argument("--config", help=f"YAML recipe (default: the embedded {default})")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    dpo.add_argument("--help-config", action="store_true", help="list every DPO config field")
+    bon.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
+    bon.add_argument("--prompts", type=int, default=64, help="prompts to answer (default 64)")
     tiny = sub.add_parser("make-tiny", help="build tiny tokenizer/policy/critic/reward models")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -96,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         from rayrlhf.cluster.capacity import check_placement_main
 
         return check_placement_main(args.config, args.overrides, args.cluster)
+    if args.command == "dpo":
+        from rayrlhf.dpo import DPOConfig, dpo_main
+
+        if args.help_config:
+            print(config_help(DPOConfig))
+            return 0
+        return dpo_main(args.config, args.overrides)
+    if args.command == "best-of-n":
+        from rayrlhf.best_of_n import best_of_n_main
+
+        return best_of_n_main(args.config, args.overrides, args.n, args.prompts)
     if args.help_config:
         print(config_help())
         return 0

@@ -130,9 +130,14 @@ class DataConfig(_Section):
     """Prompts generated when `prompts` is 'demo'."""
 
 
-class PPOConfig(_Section):
+class AlgorithmConfig(_Section):
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    """Advantage estimator. gae uses the critic; grpo, dr_grpo, rloo and reinforce_pp do not (the
+    critic actor is then not started)."""
+    n_samples_per_prompt: int = Field(1, ge=1)
+    """Responses sampled per prompt: the group that grpo, dr_grpo and rloo compare within."""
     rollout_batch_size: int = Field(32, ge=1)
-    """Prompts (= sequences) generated and trained on per step."""
+    """Sequences generated and trained on per step (prompts x n_samples_per_prompt)."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each step's rollouts."""
     num_mini_batches: int = Field(1, ge=1)
@@ -146,11 +151,51 @@ class PPOConfig(_Section):
     lam: float = Field(0.95, ge=0, le=1)
     """GAE lambda."""
     kl_coef: float = Field(0.05, ge=0)
-    """Per-token KL penalty coefficient (beta) against the reference."""
+    """KL coefficient (beta) against the reference; the adaptive controller's starting value."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """KL estimator for the reward penalty."""
+    """KL estimator (Schulman 2020). As a loss term use k3: k1's gradient is zero in expectation."""
+    kl_mode: Literal["reward", "loss"] = "reward"
+    """KL as a per-token reward penalty (InstructGPT) or as a policy-loss term (GRPO)."""
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    """fixed keeps kl_coef; adaptive steers it towards kl_target (Ziegler et al. 2019)."""
+    kl_target: float = Field(6.0, gt=0)
+    """Adaptive controller: target KL per sequence, in nats."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Adaptive controller: horizon in sequences; smaller reacts faster."""
     whiten_advantages: bool = True
-    """Normalise advantages to zero mean and unit std over the batch."""
+    """gae: normalise advantages to zero mean and unit std over the batch."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip constant c > 1 bounding the loss of negative-advantage tokens (Ye et al. 2020)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus coefficient (subtracted from the policy loss)."""
+    reward_clip: float | None = Field(None, gt=0)
+    """Clip sequence rewards to [-reward_clip, reward_clip] before anything else."""
+    reward_normalize: bool = False
+    """Divide rewards by a running std (and remove the running mean) over the whole run."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = (
+        "token_mean"
+    )
+    """How per-token losses become one number; normalised over the whole optimizer step across
+    micro-batches and ranks, so the result does not depend on how the batch is split."""
+
+    @model_validator(mode="after")
+    def _groups(self) -> AlgorithmConfig:
+        n = self.n_samples_per_prompt
+        if self.rollout_batch_size % n:
+            raise ValueError(
+                f"algorithm.rollout_batch_size={self.rollout_batch_size} must be "
+                f"divisible by algorithm.n_samples_per_prompt={n}"
+            )
+        if self.advantage in ("grpo", "dr_grpo", "rloo") and n < 2:
+            raise ValueError(
+                f"algorithm.advantage={self.advantage} compares samples of a prompt: "
+                "set algorithm.n_samples_per_prompt >= 2"
+            )
+        return self
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.advantage == "gae"
 
 
 class SyncConfig(_Section):
@@ -194,8 +239,8 @@ class TrainConfig(_Section):
     """Save the final policy in HF format under run_dir/policy."""
     policy: PolicyConfig
     """The policy trainer (DeepSpeed ZeRO-3 ranks)."""
-    critic: CriticConfig
-    """The value-model trainer (DeepSpeed ZeRO-3 ranks)."""
+    critic: CriticConfig | None = None
+    """The value-model trainer (DeepSpeed ZeRO-3 ranks); needed by algorithm.advantage=gae."""
     reference: ReferenceConfig = ReferenceConfig()
     """The frozen reference model for the KL penalty."""
     reward: RewardConfig
@@ -204,7 +249,7 @@ class TrainConfig(_Section):
     """The vLLM rollout engines."""
     data: DataConfig = DataConfig()
     """The prompt set."""
-    ppo: PPOConfig = PPOConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
     """PPO and advantage-estimation settings."""
     sync: SyncConfig = SyncConfig()
     """Weight sync from the policy trainer to the engines."""
@@ -213,15 +258,29 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _batches_divide(self) -> TrainConfig:
-        for name, role in (("policy", self.policy), ("critic", self.critic)):
-            per_pass = role.micro_batch_size * role.num_ranks * self.ppo.num_mini_batches
-            if self.ppo.rollout_batch_size % per_pass:
+        if self.algorithm.needs_critic and self.critic is None:
+            raise ValueError(
+                "critic: required by algorithm.advantage=gae (or pick a critic-free "
+                "estimator: grpo, dr_grpo, rloo, reinforce_pp)"
+            )
+        roles = [("policy", self.policy)]
+        if self.algorithm.needs_critic:
+            roles.append(("critic", self.critic))
+        for name, role in roles:
+            per_pass = role.micro_batch_size * role.num_ranks * self.algorithm.num_mini_batches
+            if self.algorithm.rollout_batch_size % per_pass:
                 raise ValueError(
-                    f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be divisible by "
-                    f"{name}.micro_batch_size x {name}.num_ranks x ppo.num_mini_batches "
+                    f"algorithm.rollout_batch_size={self.algorithm.rollout_batch_size} must be "
+                    "divisible by "
+                    f"{name}.micro_batch_size x {name}.num_ranks x algorithm.num_mini_batches "
                     f"= {per_pass}"
                 )
         return self
+
+    @property
+    def active_critic(self) -> CriticConfig | None:
+        """The critic when the estimator uses one; otherwise None (no actor, no resources)."""
+        return self.critic if self.algorithm.needs_critic else None
 
 
 def _set_dotted(tree: dict, dotted: str, value: object) -> None:

@@ -1,4 +1,4 @@
-"""From engine samples to a PPO batch: padding layout, KL-shaped rewards, GAE, whitening.
+"""From engine samples to a training batch: padding layout, shaped rewards, advantages.
 
 Pure tensor code (no Ray, DeepSpeed or vLLM), so the driver's step is testable on its own.
 """
@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from rayrlhf.algorithms.advantages import gae, terminal_rewards_with_kl, whiten_advantages
+from rayrlhf.algorithms.estimators import get_estimator, reinforce_pp_advantages
 from rayrlhf.algorithms.kl import kl_estimate
 from rayrlhf.algorithms.losses import explained_variance
 from rayrlhf.algorithms.masked import masked_sum
-from rayrlhf.config import PPOConfig
-from rayrlhf.types import Experience, Rollout, Scores, pad_rows
+from rayrlhf.algorithms.rewards import RunningMoments, clip_rewards
+from rayrlhf.config import AlgorithmConfig
+from rayrlhf.types import Experience, LossNorm, Rollout, Scores, pad_rows
 from rayrlhf.workers.rollout import Sample
 
 
@@ -60,29 +62,82 @@ def assemble_rollout(samples: list[Sample], prompts: list[str], pad_id: int) -> 
     )
 
 
+def shape_rewards(
+    rewards: torch.Tensor, algo: AlgorithmConfig, moments: RunningMoments | None
+) -> torch.Tensor:
+    """Sequence rewards [B] after optional clipping and running normalisation."""
+    if algo.reward_clip is not None:
+        rewards = clip_rewards(rewards, algo.reward_clip)
+    if moments is not None:
+        moments.update(rewards)
+        rewards = moments.normalize(rewards)
+    return rewards
+
+
+def _gae(rewards, kl, beta, values, mask, algo):
+    token_rewards = terminal_rewards_with_kl(rewards, kl, mask, beta)
+    advantages, returns = gae(token_rewards, values, mask, algo.gamma, algo.lam)
+    return (whiten_advantages(advantages, mask) if algo.whiten_advantages else advantages), returns
+
+
+def _reinforce_pp(rewards, kl, beta, values, mask, algo):
+    return reinforce_pp_advantages(rewards, mask, kl=kl, kl_coef=beta), torch.zeros_like(mask)
+
+
+def _group(name: str):
+    def estimate(rewards, kl, beta, values, mask, algo):
+        # The KL penalty of a critic-free estimator is charged to the sequence reward.
+        shaped = rewards - beta * masked_sum(kl, mask, dim=1)
+        fn = get_estimator(name)
+        return fn(shaped, mask, algo.n_samples_per_prompt), torch.zeros_like(mask)
+
+    return estimate
+
+
+# Each estimator: (rewards [B], kl [B,R], beta, values [B,R], mask, cfg) -> (advantages, returns)
+ADVANTAGES = {
+    "gae": _gae,
+    "reinforce_pp": _reinforce_pp,
+    **{name: _group(name) for name in ("grpo", "dr_grpo", "rloo")},
+}
+
+
 def make_experience(
-    rollout: Rollout, scores: Scores, ppo: PPOConfig
+    rollout: Rollout,
+    scores: Scores,
+    algo: AlgorithmConfig,
+    kl_coef: float,
+    moments: RunningMoments | None = None,
 ) -> tuple[Experience, RolloutStats]:
-    """KL-penalised token rewards -> GAE advantages and returns (whitened if configured)."""
+    """Shaped rewards and the KL to the reference -> advantages (and returns, for the critic).
+
+    `kl_coef` is the controller's current beta; in kl_mode "loss" the KL enters the policy loss
+    instead, so no reward penalty is applied here.
+    """
     mask = rollout.action_mask
-    kl = kl_estimate(scores.old_logprobs, scores.ref_logprobs, ppo.kl_estimator) * mask
-    token_rewards = terminal_rewards_with_kl(scores.rewards, kl, mask, ppo.kl_coef)
-    advantages, returns = gae(token_rewards, scores.values, mask, ppo.gamma, ppo.lam)
-    if ppo.whiten_advantages:
-        advantages = whiten_advantages(advantages, mask)
+    kl = kl_estimate(scores.old_logprobs, scores.ref_logprobs, algo.kl_estimator) * mask
+    rewards = shape_rewards(scores.rewards, algo, moments)
+    beta = kl_coef if algo.kl_mode == "reward" else 0.0
+    advantages, returns = ADVANTAGES[algo.advantage](rewards, kl, beta, scores.values, mask, algo)
     exp = Experience(
         sequences=rollout.sequences,
         attention_mask=rollout.attention_mask,
         action_mask=mask,
         old_logprobs=scores.old_logprobs,
+        ref_logprobs=scores.ref_logprobs,
         old_values=scores.values,
         advantages=advantages,
         returns=returns,
     )
+    return exp, rollout_stats(rollout, scores, kl, returns)
+
+
+def rollout_stats(rollout: Rollout, scores: Scores, kl: torch.Tensor, returns) -> RolloutStats:
+    mask = rollout.action_mask
     lengths = mask.sum(1)
     gap = (rollout.engine_logprobs - scores.old_logprobs).abs()
     diff = torch.where(mask.bool(), gap, torch.zeros_like(gap)).max()  # padding may hold inf
-    stats = RolloutStats(
+    return RolloutStats(
         reward_mean=scores.rewards.mean().item(),
         reward_std=scores.rewards.std().item() if len(rollout) > 1 else 0.0,
         kl=masked_sum(kl, mask, dim=1).mean().item(),
@@ -92,4 +147,22 @@ def make_experience(
         explained_variance=explained_variance(scores.values, returns, mask).item(),
         engine_logprob_diff=diff.item(),
     )
-    return exp, stats
+
+
+def loss_norms(exp: Experience, ranks: int, mini_batches: int, max_len: int) -> list[LossNorm]:
+    """The normalisers of each optimizer step, in the order every rank takes its mini-batches.
+
+    Rank r trains on shard r (`Experience.split`) and splits it into `mini_batches` consecutive
+    chunks; step k sums chunk k of every rank.
+    """
+    tokens = [[0.0] * mini_batches for _ in range(ranks)]
+    seqs = [[0.0] * mini_batches for _ in range(ranks)]
+    for r, shard in enumerate(exp.split(ranks)):
+        for k, chunk in enumerate(shard.split(mini_batches)):
+            per_row = chunk.action_mask.sum(1)
+            tokens[r][k] = per_row.sum().item()
+            seqs[r][k] = (per_row > 0).sum().item()
+    return [
+        LossNorm(sum(t[k] for t in tokens), sum(s[k] for s in seqs), max_len)
+        for k in range(mini_batches)
+    ]

@@ -25,7 +25,7 @@ def model_paths(cfg: TrainConfig) -> dict[str, str]:
     """The configured model directories, by field name."""
     paths = {
         "policy.model_path": cfg.policy.model_path,
-        "critic.model_path": cfg.critic.model_path,
+        "critic.model_path": cfg.active_critic and cfg.active_critic.model_path,
         "reference.model_path": cfg.reference.model_path,
         "reward.model_path": cfg.reward.model_path,
     }

@@ -21,38 +21,52 @@ import ray
 import yaml
 from transformers import AutoTokenizer
 
+from rayrlhf.algorithms.kl import AdaptiveKLController, FixedKLController
+from rayrlhf.algorithms.rewards import RunningMoments
 from rayrlhf.cluster.roles import Roles
-from rayrlhf.config import ConfigError, TrainConfig
+from rayrlhf.config import AlgorithmConfig, ConfigError, TrainConfig
 from rayrlhf.data.prompts import PromptSet
-from rayrlhf.experience import assemble_rollout, make_experience
+from rayrlhf.experience import assemble_rollout, loss_norms, make_experience
 from rayrlhf.metrics import PhaseTimer, PrometheusMetrics, StepLog, step_record
 from rayrlhf.preflight import preflight
 
 
 def train(cfg: TrainConfig) -> Path:
     """Check inputs, connect to Ray, run PPO for `cfg.steps` steps; returns the run directory."""
-    run = Run(cfg)
-    roles, batch = run.roles, cfg.ppo.rollout_batch_size
+    run, algo = Run(cfg), cfg.algorithm
+    roles, batch = run.roles, algo.rollout_batch_size
     try:
         for step in range(cfg.steps):
             t = PhaseTimer()
-            texts, ids = run.prompts.batch(step, batch)
+            n = algo.n_samples_per_prompt  # a prompt's n samples are contiguous rows
+            texts, ids = run.prompts.batch(step, batch // n, repeat=n)
             with t("generate"):
                 samples = roles.generate(ids, seed=cfg.seed * 1_000_003 + step * batch, timer=t)
                 rollout = assemble_rollout(samples, texts, run.pad_id)
             with t("score"):
                 scores = roles.score(rollout, t)
             with t("advantage"):
-                exp, rollout_stats = make_experience(rollout, scores, cfg.ppo)
+                beta = run.kl_ctl.value
+                exp, rollout_stats = make_experience(rollout, scores, algo, beta, run.moments)
+                norms = loss_norms(
+                    exp, cfg.policy.num_ranks, algo.num_mini_batches, cfg.rollout.max_new_tokens
+                )
             with t("train"):
-                policy_stats, critic_stats = roles.train(exp, t)
+                policy_stats, critic_stats = roles.train(exp, beta, norms, t)
             with t("sync"):
                 sync = roles.sync_weights()
-            run.record(step, rollout_stats, policy_stats, critic_stats, sync, t, samples)
+            run.kl_ctl.update(rollout_stats.kl, n_steps=len(rollout))
+            run.record(step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta)
         run.finish()
     finally:
         run.close()
     return run.dir
+
+
+def kl_controller(algo: AlgorithmConfig) -> FixedKLController | AdaptiveKLController:
+    if algo.kl_controller == "adaptive":
+        return AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+    return FixedKLController(algo.kl_coef)
 
 
 class Run:
@@ -81,18 +95,28 @@ class Run:
             print(f"prometheus metrics: {self.prometheus.url}", flush=True)
         connect(cfg)
         print(
-            f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), critic "
-            f"x{cfg.critic.num_ranks} (ZeRO-3), reference, reward, vLLM engines "
-            f"x{cfg.rollout.num_engines}",
+            f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), "
+            + (f"critic x{cfg.active_critic.num_ranks} (ZeRO-3), " if cfg.active_critic else "")
+            + f"reference, reward, vLLM engines x{cfg.rollout.num_engines} "
+            f"[{cfg.algorithm.advantage}]",
             flush=True,
         )
         self.roles = Roles(cfg)
+        self.kl_ctl = kl_controller(cfg.algorithm)
+        self.moments = RunningMoments() if cfg.algorithm.reward_normalize else None
         self.log = StepLog(self.dir, cfg.steps)
 
-    def record(self, step, rollout_stats, policy_stats, critic_stats, sync, timer, samples):
+    def record(self, step, rollout_stats, policy_stats, critic_stats, sync, timer, samples, beta):
         rec = step_record(
-            step, rollout_stats, policy_stats, critic_stats, sync, timer, self.cfg.ppo.ppo_epochs
+            step,
+            rollout_stats,
+            policy_stats,
+            critic_stats,
+            sync,
+            timer,
+            self.cfg.algorithm.ppo_epochs,
         )
+        rec["rollout/kl_coef"] = beta
         self.log.write(rec)
         if self.prometheus is not None:
             per_engine = Counter()
@@ -124,7 +148,8 @@ def connect(cfg: TrainConfig) -> None:
         ray.init(address=cfg.ray_address or "auto")
         return
     needed = cfg.policy.num_ranks * cfg.policy.resources.num_cpus
-    needed += cfg.critic.num_ranks * cfg.critic.resources.num_cpus
+    if cfg.active_critic:
+        needed += cfg.active_critic.num_ranks * cfg.active_critic.resources.num_cpus
     needed += cfg.reference.resources.num_cpus + cfg.reward.resources.num_cpus
     needed += cfg.rollout.num_engines * cfg.rollout.resources.num_cpus
     # Logical CPUs may exceed the cores: each role still gets its own bundle.

@@ -92,6 +92,8 @@ class Experience:
     """[B, R] float32."""
     old_logprobs: Tensor
     """[B, R] float32 policy logprobs at rollout time (recomputed by the trainer)."""
+    ref_logprobs: Tensor
+    """[B, R] float32 reference logprobs (for KL as a loss term)."""
     old_values: Tensor
     """[B, R] float32 critic values at rollout time (zeros when there is no critic)."""
     advantages: Tensor
@@ -105,6 +107,22 @@ class Experience:
     def split(self, n: int) -> list[Experience]:
         """n equal row shards (one per data-parallel rank); B must be divisible by n."""
         return shard_rows(self, n)
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """Global normalisers of one optimizer step, summed over its micro-batches on every rank.
+
+    Each micro-batch divides its loss sum by these (not by its own counts), so the gradient of the
+    step equals that of the whole mini-batch's aggregate however it was split.
+    """
+
+    tokens: float
+    """Action tokens in the mini-batch."""
+    sequences: float
+    """Sequences with at least one action token in the mini-batch."""
+    max_len: int
+    """Constant length normaliser for seq_mean_token_sum (Dr. GRPO): the response budget."""
 
 
 @dataclass(frozen=True)

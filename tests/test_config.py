@@ -13,7 +13,7 @@ from rayrlhf.config import ConfigError, TrainConfig, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny-cpu.yaml"
-SECTIONS = ("policy", "critic", "reference", "reward", "rollout", "data", "ppo", "sync")
+SECTIONS = ("policy", "critic", "reference", "reward", "rollout", "data", "algorithm", "sync")
 
 
 def _base(**sections):
@@ -22,7 +22,7 @@ def _base(**sections):
         "policy": {"model_path": "p", "num_ranks": 1, "micro_batch_size": 2},
         "critic": {"model_path": "c", "num_ranks": 1, "micro_batch_size": 2},
         "reward": {"model_path": "r"},
-        "ppo": {"rollout_batch_size": 8, "num_mini_batches": 1},
+        "algorithm": {"rollout_batch_size": 8, "num_mini_batches": 1},
     }
     tree.update(sections)
     return tree
@@ -52,10 +52,10 @@ def test_repo_tiny_cpu_yaml_validates_and_matches_embedded():
     assert cfg == load_config(None)
     # Values taken from the YAML file, not the model defaults.
     assert cfg.policy.num_ranks == 2 and cfg.policy.micro_batch_size == 8
-    assert cfg.ppo.rollout_batch_size == 32 and cfg.ppo.num_mini_batches == 2
+    assert cfg.algorithm.rollout_batch_size == 32 and cfg.algorithm.num_mini_batches == 2
     assert cfg.policy.lr == pytest.approx(5e-4)
     # The recipe really divides: 32 % (8 * 2 * 2) == 0 and 32 % (8 * 1 * 2) == 0.
-    assert cfg.ppo.rollout_batch_size % (8 * 2 * 2) == 0
+    assert cfg.algorithm.rollout_batch_size % (8 * 2 * 2) == 0
 
 
 # ---- errors name the dotted field --------------------------------------------------------------
@@ -92,8 +92,8 @@ def test_unknown_key_in_nested_resources():
 @pytest.mark.parametrize("value", ["-1", "0"])
 def test_non_positive_rollout_batch_size(value):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [f"ppo.rollout_batch_size={value}"])
-    assert "ppo.rollout_batch_size" in str(err.value)
+        load_config(None, [f"algorithm.rollout_batch_size={value}"])
+    assert "algorithm.rollout_batch_size" in str(err.value)
 
 
 def test_negative_micro_batch_size_names_field():
@@ -108,7 +108,7 @@ def test_rollout_batch_not_divisible_names_policy_micro_batch(tmp_path):
         load_config(_write(tmp_path, tree))
     msg = str(err.value)
     assert "policy.micro_batch_size" in msg
-    assert "ppo.rollout_batch_size" in msg
+    assert "algorithm.rollout_batch_size" in msg
     assert "critic.micro_batch_size" not in msg
 
 
@@ -116,14 +116,14 @@ def test_divisibility_counts_ranks_and_mini_batches(tmp_path):
     # 8 is divisible by micro_batch 2 alone, but not by 2 x 2 ranks x 4 mini-batches = 16.
     tree = _base(
         policy={"model_path": "p", "num_ranks": 2, "micro_batch_size": 2},
-        ppo={"rollout_batch_size": 8, "num_mini_batches": 4},
+        algorithm={"rollout_batch_size": 8, "num_mini_batches": 4},
     )
     with pytest.raises(ConfigError, match="policy.micro_batch_size"):
         load_config(_write(tmp_path, tree))
     # 16 = 2 x 2 x 4 divides; the critic (2 x 1 x 4 = 8) divides too.
-    tree["ppo"]["rollout_batch_size"] = 16
+    tree["algorithm"]["rollout_batch_size"] = 16
     cfg = load_config(_write(tmp_path, tree))
-    assert cfg.ppo.rollout_batch_size == 16
+    assert cfg.algorithm.rollout_batch_size == 16
 
 
 def test_critic_divisibility_names_critic(tmp_path):
@@ -203,7 +203,7 @@ def _cfg_with_paths(paths, **extra):
             "policy": {"model_path": str(paths["policy"]), "num_ranks": 1, "micro_batch_size": 1},
             "critic": {"model_path": str(paths["critic"]), "num_ranks": 1, "micro_batch_size": 1},
             "reward": {"model_path": str(paths["reward"])},
-            "ppo": {"rollout_batch_size": 4},
+            "algorithm": {"rollout_batch_size": 4},
             **extra,
         }
     )
@@ -292,7 +292,7 @@ def _cli(*args):
     "args, field",
     [
         (["--set", "policy.bogus=1"], "policy.bogus"),
-        (["--set", "ppo.rollout_batch_size=0"], "ppo.rollout_batch_size"),
+        (["--set", "algorithm.rollout_batch_size=0"], "algorithm.rollout_batch_size"),
         (
             ["--set", "policy.model_path=/nonexistent", "--set", "make_tiny_models=null"],
             "policy.model_path",
@@ -339,7 +339,7 @@ def test_config_help_lists_sections_and_docstrings():
         assert f"  {section}." in text, section
     for field in (
         "policy.lr",
-        "ppo.kl_coef",
+        "algorithm.kl_coef",
         "sync.bucket_mb",
         "policy.resources.num_cpus",
         "steps",
@@ -347,6 +347,6 @@ def test_config_help_lists_sections_and_docstrings():
     ):
         assert field in text, field
     assert "AdamW learning rate" in text
-    assert "Per-token KL penalty coefficient" in text
+    assert "KL coefficient (beta) against the reference" in text
     # every leaf field of the model appears as a dotted name
     assert text.count("policy.model_path = required") == 1

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayrlhf.config import PPOConfig
+from rayrlhf.config import AlgorithmConfig
 from rayrlhf.experience import assemble_rollout, make_experience
 from rayrlhf.types import Experience, Rollout, Scores, micro_batches, shard_rows
 from rayrlhf.workers.rollout import Sample
@@ -84,8 +84,8 @@ def _rollout_and_scores(rewards=(2.0, -1.0)):
 
 def test_reward_to_go_with_no_discount_no_kl_zero_values():
     r, scores = _rollout_and_scores()
-    ppo = PPOConfig(gamma=1.0, lam=1.0, kl_coef=0.0, whiten_advantages=False)
-    exp, stats = make_experience(r, scores, ppo)
+    ppo = AlgorithmConfig(gamma=1.0, lam=1.0, kl_coef=0.0, whiten_advantages=False)
+    exp, stats = make_experience(r, scores, ppo, ppo.kl_coef)
     # With gamma = lam = 1, no KL and V = 0, every action token's return is the terminal reward.
     assert exp.returns.tolist() == [[2.0, 2.0, 2.0], [-1.0, 0.0, 0.0]]
     assert exp.advantages.tolist() == [[2.0, 2.0, 2.0], [-1.0, 0.0, 0.0]]
@@ -99,8 +99,8 @@ def test_reward_to_go_with_no_discount_no_kl_zero_values():
 
 def test_discount_is_applied_per_token():
     r, scores = _rollout_and_scores()
-    ppo = PPOConfig(gamma=0.5, lam=1.0, kl_coef=0.0, whiten_advantages=False)
-    exp, _ = make_experience(r, scores, ppo)
+    ppo = AlgorithmConfig(gamma=0.5, lam=1.0, kl_coef=0.0, whiten_advantages=False)
+    exp, _ = make_experience(r, scores, ppo, ppo.kl_coef)
     # Row 0: reward 2 at the last of 3 tokens -> 2 * 0.5^2, 2 * 0.5, 2.
     torch.testing.assert_close(exp.returns[0], torch.tensor([0.5, 1.0, 2.0]))
 
@@ -113,8 +113,10 @@ def test_kl_penalty_and_kl_stat_by_hand():
         rewards=scores.rewards, ref_logprobs=ref, old_logprobs=old, values=scores.values
     )
     beta = 0.1
-    ppo = PPOConfig(gamma=1.0, lam=1.0, kl_coef=beta, whiten_advantages=False, kl_estimator="k1")
-    exp, stats = make_experience(r, scores, ppo)
+    ppo = AlgorithmConfig(
+        gamma=1.0, lam=1.0, kl_coef=beta, whiten_advantages=False, kl_estimator="k1"
+    )
+    exp, stats = make_experience(r, scores, ppo, ppo.kl_coef)
     # k1 = old - ref on real tokens: row 0 -> 0.5, -1.0, 0.0 (sum -0.5); row 1 -> -0.2 (sum -0.2)
     assert stats.kl == pytest.approx((-0.5 + -0.2) / 2)
     # token rewards: row 0 -> -0.05, 0.1, 0 + 1 ; row 1 -> 0.02 ; reward-to-go with V = 0:
@@ -123,7 +125,7 @@ def test_kl_penalty_and_kl_stat_by_hand():
 
 def test_whitened_advantages_are_zero_mean_on_real_tokens():
     r, scores = _rollout_and_scores()
-    exp, _ = make_experience(r, scores, PPOConfig(whiten_advantages=True, kl_coef=0.0))
+    exp, _ = make_experience(r, scores, AlgorithmConfig(whiten_advantages=True), 0.0)
     real = exp.advantages[r.action_mask.bool()]
     assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert real.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
@@ -139,13 +141,13 @@ def test_engine_logprob_diff_ignores_padding():
     scores = Scores(
         rewards=scores.rewards, ref_logprobs=old.clone(), old_logprobs=old, values=scores.values
     )
-    _, stats = make_experience(r, scores, PPOConfig(kl_coef=0.0))
+    _, stats = make_experience(r, scores, AlgorithmConfig(), 0.0)
     assert stats.engine_logprob_diff == pytest.approx(0.25)
 
 
 def test_engine_logprob_diff_zero_when_equal():
     r, scores = _rollout_and_scores()
-    _, stats = make_experience(r, scores, PPOConfig())
+    _, stats = make_experience(r, scores, AlgorithmConfig(), 0.05)
     assert stats.engine_logprob_diff == 0.0
 
 
@@ -159,6 +161,7 @@ def _experience(b=6, t=5, r=3):
         attention_mask=torch.ones(b, t, dtype=torch.long),
         action_mask=torch.ones(b, r),
         old_logprobs=-base.expand(b, r).clone(),
+        ref_logprobs=-2 * base.expand(b, r),
         old_values=10 + base.expand(b, r),
         advantages=100 + base.expand(b, r),
         returns=1000 + base.expand(b, r),
@@ -168,6 +171,7 @@ def _experience(b=6, t=5, r=3):
 def _row_ids(exp):
     ids = exp.sequences[:, 0].tolist()
     assert (-exp.old_logprobs[:, 0]).tolist() == ids
+    assert (-exp.ref_logprobs[:, 0] / 2).tolist() == ids
     assert (exp.old_values[:, 0] - 10).tolist() == ids
     assert (exp.advantages[:, 0] - 100).tolist() == ids
     assert (exp.returns[:, 0] - 1000).tolist() == ids

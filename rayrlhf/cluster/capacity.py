@@ -117,9 +117,10 @@ class RolePlacement:
 
 def role_bundles(cfg: TrainConfig) -> list[tuple[str, Bundle, int]]:
     """(role, bundle, count) in the order `Roles` reserves them."""
+    critic = cfg.active_critic  # None for critic-free estimators: nothing reserved
     return [
         ("policy", bundle(cfg.policy.resources), cfg.policy.num_ranks),
-        ("critic", bundle(cfg.critic.resources), cfg.critic.num_ranks),
+        *([("critic", bundle(critic.resources), critic.num_ranks)] if critic else []),
         ("reference", bundle(cfg.reference.resources), 1),
         ("reward", bundle(cfg.reward.resources), 1),
         ("rollout", bundle(cfg.rollout.resources), cfg.rollout.num_engines),

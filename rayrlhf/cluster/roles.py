@@ -19,13 +19,27 @@ from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
 from rayrlhf.cluster.collective import free_port, resolve_backend
 from rayrlhf.cluster.placement import actor_options, reserve
 from rayrlhf.config import Resources, TrainConfig
-from rayrlhf.types import Experience, Rollout, Scores, SyncResult, Timed, TrainStats, shard_rows
+from rayrlhf.types import (
+    Experience,
+    LossNorm,
+    Rollout,
+    Scores,
+    SyncResult,
+    Timed,
+    TrainStats,
+    shard_rows,
+)
 from rayrlhf.workers.critic import CriticWorker
 from rayrlhf.workers.deepspeed_role import RankSpec
 from rayrlhf.workers.policy import PolicyWorker, mean_stats
 from rayrlhf.workers.reference import ReferenceWorker
 from rayrlhf.workers.reward import RewardWorker
 from rayrlhf.workers.rollout import RolloutEngine, Sample
+
+
+def _shards(actors: list, batch) -> list[tuple]:
+    """(actor, its equal row shard of `batch`) for each data-parallel rank of a role."""
+    return list(zip(actors, shard_rows(batch, len(actors)))) if actors else []
 
 
 def _busy(timer, **groups: list[Timed]) -> None:
@@ -55,11 +69,14 @@ class Roles:
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
         self.placement_groups: list = []
-        pol, crt = cfg.policy, cfg.critic
+        pol, crt = cfg.policy, cfg.active_critic
         self.policy = self._zero3_group(
             "policy", PolicyWorker, pol.model_path, pol, pol.weight_decay
         )
-        self.critic = self._zero3_group("critic", CriticWorker, crt.model_path, crt, 0.0)
+        # Critic-free estimators: no critic actor, no resources reserved for one.
+        self.critic = (
+            self._zero3_group("critic", CriticWorker, crt.model_path, crt, 0.0) if crt else []
+        )
         ref_path = cfg.reference.model_path or pol.model_path
         self.reference = self._single(
             "reference",
@@ -121,9 +138,9 @@ class Roles:
                 scheduling_strategy=actor_options(pg, 0, rc.resources)["scheduling_strategy"]
             ).remote()
         )
-        ppo = self.cfg.ppo
-        accum = ppo.rollout_batch_size // (
-            rc.num_ranks * rc.micro_batch_size * ppo.num_mini_batches
+        algorithm = self.cfg.algorithm
+        accum = algorithm.rollout_batch_size // (
+            rc.num_ranks * rc.micro_batch_size * algorithm.num_mini_batches
         )
         actors = []
         for rank in range(rc.num_ranks):
@@ -182,14 +199,8 @@ class Roles:
     def score(self, rollout: Rollout, timer=None) -> Scores:
         """Reward, reference logprobs, old policy logprobs and values, all concurrently."""
         ref = ray.put(rollout)
-        pol = [
-            a.forward_logprobs.remote(s)
-            for a, s in zip(self.policy, shard_rows(rollout, len(self.policy)))
-        ]
-        crt = [
-            a.forward_values.remote(s)
-            for a, s in zip(self.critic, shard_rows(rollout, len(self.critic)))
-        ]
+        pol = [a.forward_logprobs.remote(s) for a, s in _shards(self.policy, rollout)]
+        crt = [a.forward_values.remote(s) for a, s in _shards(self.critic, rollout)]
         rew, ref_lp = self.reward.score.remote(ref), self.reference.forward_logprobs.remote(ref)
         out = self.get([rew, ref_lp, *pol, *crt], "score")
         n = len(self.policy)
@@ -205,26 +216,22 @@ class Roles:
             rewards=values[0],
             ref_logprobs=values[1],
             old_logprobs=torch.cat(values[2 : 2 + n]),
-            values=torch.cat(values[2 + n :]),
+            values=torch.cat(values[2 + n :]) if crt else torch.zeros_like(rollout.action_mask),
         )
 
-    def train(self, exp: Experience, timer=None) -> tuple[TrainStats, TrainStats]:
+    def train(
+        self, exp: Experience, kl_coef: float, norms: list[LossNorm], timer=None
+    ) -> tuple[TrainStats, TrainStats]:
         """Policy and critic updates, concurrently; stats averaged over ranks and epochs."""
-        pol, crt = [], []
-        for _ in range(self.cfg.ppo.ppo_epochs):
-            p = [
-                a.train_step.remote(s, self.cfg.ppo.clip_eps)
-                for a, s in zip(self.policy, exp.split(len(self.policy)))
-            ]
-            c = [
-                a.train_step.remote(s, self.cfg.ppo.value_clip_eps)
-                for a, s in zip(self.critic, exp.split(len(self.critic)))
-            ]
+        algo, pol, crt = self.cfg.algorithm, [], []
+        for _ in range(algo.ppo_epochs):
+            p = [a.train_step.remote(s, algo, kl_coef, norms) for a, s in _shards(self.policy, exp)]
+            c = [a.train_step.remote(s, algo.value_clip_eps) for a, s in _shards(self.critic, exp)]
             out = self.get(p + c, "train")
             _busy(timer, train_policy=out[: len(p)], train_critic=out[len(p) :])
             pol += [o.value for o in out[: len(p)]]
             crt += [o.value for o in out[len(p) :]]
-        return mean_stats(pol), mean_stats(crt)
+        return mean_stats(pol), mean_stats(crt) if crt else TrainStats(loss=0.0)
 
     def sync_weights(self, bucket_mb: float | None = None) -> SyncResult:
         """Push the policy's new weights into every engine and verify them there.

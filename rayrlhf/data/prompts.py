@@ -74,12 +74,14 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def batch(self, step: int, size: int) -> tuple[list[str], list[list[int]]]:
-        """The prompts of `step`, a pure function of (seed, step): a resumed run sees the same."""
+    def batch(self, step: int, size: int, repeat: int = 1) -> tuple[list[str], list[list[int]]]:
+        """The `size` prompts of `step`, each `repeat` times in a row; a pure function of
+        (seed, step), so a resumed run sees the same."""
         picks = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, len(self))
             picks.append(self._order(epoch)[pos])
+        picks = [i for i in picks for _ in range(repeat)]
         return [self.texts[i] for i in picks], [self.ids[i] for i in picks]
 
     def _order(self, epoch: int) -> list[int]:

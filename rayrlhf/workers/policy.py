@@ -7,16 +7,27 @@ hands each rank an equal shard of the batch. Only rank 0 talks to the engines.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import ray
 import torch
 
-from rayrlhf.algorithms.losses import ppo_policy_loss
+from rayrlhf.algorithms.kl import kl_loss_term
+from rayrlhf.algorithms.losses import entropy_bonus, ppo_policy_loss
 from rayrlhf.algorithms.masked import masked_mean
 from rayrlhf.cluster.collective import new_group
 from rayrlhf.cluster.weight_sync import Fingerprint, ParamMeta, plan_buckets, send_broadcast
+from rayrlhf.config import AlgorithmConfig
 from rayrlhf.models.forward import response_logprobs
-from rayrlhf.types import Experience, Rollout, SyncResult, TrainStats, micro_batches, timed
+from rayrlhf.types import (
+    Experience,
+    LossNorm,
+    Rollout,
+    SyncResult,
+    TrainStats,
+    micro_batches,
+    timed,
+)
 from rayrlhf.workers.deepspeed_role import DeepSpeedRole
 
 
@@ -27,6 +38,15 @@ def check_finite(value: torch.Tensor, what: str) -> None:
             f"{what} is not finite ({value.flatten()[:4].tolist()}...); "
             "stopping before the optimizer step corrupts the weights"
         )
+
+
+def _normalisers(mode: str, norm: LossNorm) -> dict[str, float]:
+    """The global normaliser(s) that `mode` divides by."""
+    if mode == "token_mean":
+        return {"num_tokens_global": norm.tokens}
+    if mode == "seq_mean_token_sum":
+        return {"num_seqs_global": norm.sequences, "max_len": norm.max_len}
+    return {"num_seqs_global": norm.sequences}
 
 
 def mean_stats(stats: list[TrainStats]) -> TrainStats:
@@ -55,44 +75,61 @@ class PolicyWorker(DeepSpeedRole):
         return torch.cat(out) * rollout.action_mask
 
     @timed
-    def train_step(self, exp: Experience, clip_eps: float) -> TrainStats:
-        """One pass of clipped-PPO updates over this rank's shard (gradient accumulation inside
-        DeepSpeed: it steps the optimizer every `grad_accum_steps` micro-batches)."""
+    def train_step(
+        self, exp: Experience, algo: AlgorithmConfig, kl_coef: float, norms: list[LossNorm]
+    ) -> TrainStats:
+        """One pass over this rank's shard: `norms[k]` normalises optimizer step k (DeepSpeed
+        accumulates `grad_accum_steps` micro-batches per step)."""
         self.engine.train()
-        r = exp.action_mask.shape[1]
-        stats = []
-        for mb in micro_batches(exp, self.spec.micro_batch_size):
-            logprobs, entropy = response_logprobs(
-                self.engine, mb.sequences, mb.attention_mask, r, with_entropy=True
-            )
-            mask = mb.action_mask.to(logprobs.device)
-            loss, s = ppo_policy_loss(
-                logprobs,
-                mb.old_logprobs.to(logprobs.device),
-                mb.advantages.to(logprobs.device),
-                mask,
-                clip_eps,
-            )
+        accum, stats = self.spec.grad_accum_steps, []
+        # DeepSpeed divides by the accumulation steps and averages gradients over ranks; undo
+        # both so the step's gradient is that of the global aggregate (see `LossNorm`).
+        scale = accum * self.spec.world_size
+        for i, mb in enumerate(micro_batches(exp, self.spec.micro_batch_size)):
+            loss, s = self._policy_loss(mb, algo, kl_coef, norms[i // accum])
             check_finite(loss, f"policy loss (rank {self.spec.rank})")
-            self.engine.backward(loss)
+            self.engine.backward(loss * scale)
             self.engine.step()
-            grad_norm = (
-                self.engine.get_global_grad_norm()
-                if self.engine.is_gradient_accumulation_boundary()
-                else None
-            )
-            stats.append(
-                TrainStats(
-                    loss=loss.item(),
-                    approx_kl=s.approx_kl.item(),
-                    clipfrac=s.clipfrac.item(),
-                    entropy=masked_mean(entropy.detach(), mask).item(),
-                    grad_norm=float(grad_norm)
-                    if grad_norm is not None and math.isfinite(grad_norm)
-                    else 0.0,
-                )
-            )
+            stats.append(replace(s, loss=loss.item() * scale, grad_norm=self._grad_norm()))
         return mean_stats(stats)
+
+    def _policy_loss(
+        self, mb: Experience, algo: AlgorithmConfig, kl_coef: float, norm: LossNorm
+    ) -> tuple[torch.Tensor, TrainStats]:
+        """Clipped PPO surrogate (+ KL term in kl_mode 'loss', - entropy bonus) of a micro-batch."""
+        logprobs, entropy = response_logprobs(
+            self.engine, mb.sequences, mb.attention_mask, mb.action_mask.shape[1], with_entropy=True
+        )
+        dev = logprobs.device
+        mask = mb.action_mask.to(dev)
+        agg = {"aggregation": algo.loss_aggregation, **_normalisers(algo.loss_aggregation, norm)}
+        loss, s = ppo_policy_loss(
+            logprobs,
+            mb.old_logprobs.to(dev),
+            mb.advantages.to(dev),
+            mask,
+            algo.clip_eps,
+            dual_clip=algo.dual_clip,
+            **agg,
+        )
+        if algo.kl_mode == "loss" and kl_coef:
+            ref = mb.ref_logprobs.to(dev)
+            loss = loss + kl_coef * kl_loss_term(logprobs, ref, mask, algo.kl_estimator, **agg)
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * entropy_bonus(entropy, mask, **agg)
+        return loss, TrainStats(
+            loss=0.0,
+            approx_kl=s.approx_kl.item(),
+            clipfrac=s.clipfrac.item(),
+            entropy=masked_mean(entropy.detach(), mask).item(),
+        )
+
+    def _grad_norm(self) -> float:
+        """Global gradient norm of the last optimizer step (0 between steps)."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            return 0.0
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None and math.isfinite(norm) else 0.0
 
     # ---- weight sync -------------------------------------------------------------------------
 

@@ -99,7 +99,7 @@ def test_too_few_gpus_in_total():
 
 def test_earlier_roles_use_up_the_node():
     # The policy's 8 bundles fill the trainer node; the critic finds no GPU left.
-    cfg = gpu_cfg(**{"policy.num_ranks": 8, "ppo.rollout_batch_size": 1024})
+    cfg = gpu_cfg(**{"policy.num_ranks": 8, "algorithm.rollout_batch_size": 1024})
     msg = placement_error(cfg, shape(TRAINER, ROLLOUT))
     assert msg.startswith("critic:") and "have 0 GPU, 0 trainer_node free after policy" in msg
 

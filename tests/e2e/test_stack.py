@@ -20,7 +20,7 @@ from rayrlhf.cluster.roles import Roles
 from rayrlhf.cluster.weight_sync import WeightSyncError
 from rayrlhf.config import load_config
 from rayrlhf.data.demo_task import demo_prompts
-from rayrlhf.experience import assemble_rollout, make_experience
+from rayrlhf.experience import assemble_rollout, loss_norms, make_experience
 from rayrlhf.workers.rollout import RolloutEngine
 
 pytestmark = pytest.mark.slow
@@ -38,9 +38,9 @@ def stack(tiny_models):
             f"critic.model_path={tiny_models['critic']}",
             f"reward.model_path={tiny_models['reward']}",
             "make_tiny_models=null",
-            f"ppo.rollout_batch_size={BATCH}",
-            "ppo.ppo_epochs=1",
-            "ppo.num_mini_batches=1",
+            f"algorithm.rollout_batch_size={BATCH}",
+            "algorithm.ppo_epochs=1",
+            "algorithm.num_mini_batches=1",
             "policy.micro_batch_size=4",
             "critic.micro_batch_size=8",
             "sync.transport=broadcast",
@@ -86,8 +86,10 @@ def test_first_ppo_update_has_zero_kl_and_clipfrac(stack):
     cfg, roles, tok = stack
     before = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
     rollout = _rollout(roles, tok, seed=1)
-    exp, _ = make_experience(rollout, roles.score(rollout), cfg.ppo)
-    policy_stats, critic_stats = roles.train(exp)
+    algo = cfg.algorithm
+    exp, _ = make_experience(rollout, roles.score(rollout), algo, algo.kl_coef)
+    norms = loss_norms(exp, len(roles.policy), algo.num_mini_batches, cfg.rollout.max_new_tokens)
+    policy_stats, critic_stats = roles.train(exp, algo.kl_coef, norms)
     # One optimizer step after all micro-batches: every ratio is exactly 1.
     assert abs(policy_stats.approx_kl) < 1e-6
     assert policy_stats.clipfrac == 0.0
