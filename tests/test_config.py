@@ -350,3 +350,23 @@ def test_config_help_lists_sections_and_docstrings():
     assert "KL coefficient (beta) against the reference" in text
     # every leaf field of the model appears as a dotted name
     assert text.count("policy.model_path = required") == 1
+
+
+def test_unknown_estimator_and_kl_names_list_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["algorithm.advantage=ppo2"])
+    msg = str(err.value)
+    assert "algorithm.advantage" in msg
+    for name in ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"):
+        assert name in msg
+    with pytest.raises(ConfigError, match=r"algorithm.kl_estimator.*'k1', 'k2' or 'k3'"):
+        load_config(None, ["algorithm.kl_estimator=k4"])
+
+
+def test_critic_free_config_needs_no_critic_and_gae_does():
+    cfg = load_config(
+        None, ["algorithm.advantage=rloo", "algorithm.n_samples_per_prompt=4", "critic=null"]
+    )
+    assert cfg.active_critic is None
+    with pytest.raises(ConfigError, match="critic: required by algorithm.advantage=gae"):
+        load_config(None, ["critic=null"])

@@ -211,3 +211,85 @@ def test_shard_rows_on_rollout_keeps_texts_aligned():
             i = int(h.sequences[k, h.prompt_len - 1]) - 1
             assert h.responses[k] == f"r{i}"
             assert h.action_mask[k].sum().item() == i + 1
+
+
+# ---- critic-free estimators, reward shaping, loss normalisers ----------------------------------
+
+
+def _group_rollout(rewards, lengths):
+    """A rollout whose rows have the given response lengths (R = max), with zero KL."""
+    samples = [Sample([1], [5] * n, [-0.5] * n, "x") for n in lengths]
+    r = assemble_rollout(samples, ["p"] * len(samples), pad_id=PAD)
+    zeros = torch.zeros_like(r.action_mask)
+    return r, Scores(torch.tensor(rewards), zeros, zeros, zeros)
+
+
+def test_grpo_path_broadcasts_group_normalised_rewards_over_tokens():
+    # Two prompts x 2 samples: groups (1, 0) and (3, 3).
+    r, scores = _group_rollout([1.0, 0.0, 3.0, 3.0], [2, 1, 3, 2])
+    algo = AlgorithmConfig(advantage="grpo", n_samples_per_prompt=2, rollout_batch_size=4)
+    exp, _ = make_experience(r, scores, algo, kl_coef=0.0)
+    # Group 1: mean 0.5, unbiased std 0.7071 -> +-0.7071; group 2 is all equal -> 0.
+    a = 0.5 / (0.5**0.5)
+    expected = torch.tensor([[a, a, 0], [-a, 0, 0], [0, 0, 0], [0, 0, 0]])
+    torch.testing.assert_close(exp.advantages, expected, atol=1e-4, rtol=0)
+    assert exp.returns.abs().sum() == 0  # no critic: nothing to regress
+
+
+def test_rloo_path_charges_the_kl_penalty_to_the_sequence_reward():
+    r, scores = _group_rollout([1.0, 1.0], [2, 2])
+    ref = torch.tensor([[-1.0, -1.0], [0.0, 0.0]])  # row 0 has k1 = 0.5 per token vs old -0.5
+    scores = Scores(scores.rewards, ref, torch.full_like(ref, -0.5), scores.values)
+    algo = AlgorithmConfig(advantage="rloo", n_samples_per_prompt=2, rollout_batch_size=2)
+    exp, stats = make_experience(r, scores, algo, kl_coef=0.1)
+    # Row 0: kl sum = 2 x 0.5 = 1.0 -> shaped 1 - 0.1 = 0.9; row 1: kl = -0.5 x 2 -> 1.1.
+    # RLOO: 0.9 - 1.1 = -0.2 and 1.1 - 0.9 = +0.2, on every action token.
+    torch.testing.assert_close(exp.advantages, torch.tensor([[-0.2, -0.2], [0.2, 0.2]]))
+    assert stats.kl == pytest.approx((1.0 - 1.0) / 2)
+
+
+def test_kl_in_loss_mode_adds_no_reward_penalty():
+    r, scores = _group_rollout([1.0, 0.0], [2, 2])
+    ref = torch.full_like(r.action_mask, -2.0)
+    scores = Scores(scores.rewards, ref, torch.full_like(ref, -0.5), scores.values)
+    base = dict(advantage="rloo", n_samples_per_prompt=2, rollout_batch_size=2)
+    in_loss, _ = make_experience(r, scores, AlgorithmConfig(kl_mode="loss", **base), 0.5)
+    no_kl, _ = make_experience(r, scores, AlgorithmConfig(**base), 0.0)
+    torch.testing.assert_close(in_loss.advantages, no_kl.advantages)
+    torch.testing.assert_close(in_loss.ref_logprobs, ref)  # carried to the policy loss
+
+
+def test_reward_clip_applies_before_the_estimator():
+    r, scores = _group_rollout([10.0, -10.0], [1, 1])
+    algo = AlgorithmConfig(
+        advantage="rloo", n_samples_per_prompt=2, rollout_batch_size=2, reward_clip=1.0
+    )
+    exp, _ = make_experience(r, scores, algo, 0.0)
+    # Clipped to (1, -1): RLOO gives 1 - (-1) = 2 and -2.
+    torch.testing.assert_close(exp.advantages[:, 0], torch.tensor([2.0, -2.0]))
+
+
+def test_loss_norms_sum_each_optimizer_step_over_ranks():
+    from rayrlhf.experience import loss_norms
+
+    # 8 rows, lengths 1..8, 2 ranks x 2 mini-batches: rank r holds rows [4r, 4r+4), and its
+    # mini-batch k is rows [4r+2k, 4r+2k+2).
+    r, scores = _group_rollout([0.0] * 8, list(range(1, 9)))
+    exp, _ = make_experience(
+        r,
+        scores,
+        AlgorithmConfig(advantage="rloo", n_samples_per_prompt=2, rollout_batch_size=8),
+        0.0,
+    )
+    norms = loss_norms(exp, ranks=2, mini_batches=2, max_len=16)
+    # Step 0: rows 0,1 (1+2) and rows 4,5 (5+6) = 14 tokens; step 1: 3+4 + 7+8 = 22.
+    assert [n.tokens for n in norms] == [14, 22]
+    assert [n.sequences for n in norms] == [4, 4]
+    assert all(n.max_len == 16 for n in norms)
+
+
+def test_grpo_without_groups_is_rejected_before_anything_runs():
+    with pytest.raises(ValueError, match="n_samples_per_prompt >= 2"):
+        AlgorithmConfig(advantage="grpo", n_samples_per_prompt=1)
+    with pytest.raises(ValueError, match="divisible by algorithm.n_samples_per_prompt"):
+        AlgorithmConfig(advantage="grpo", n_samples_per_prompt=3, rollout_batch_size=32)
