@@ -60,6 +60,8 @@ CHUNK_PAIRS = 256
 
 
 class DPODataConfig(_Section):
+    """Where the preference pairs come from, and how long they may be."""
+
     train: str | None = None
     """JSONL file of {prompt, chosen, rejected} training pairs (unset with synthetic_pairs)."""
     eval: str | None = None
@@ -69,6 +71,8 @@ class DPODataConfig(_Section):
 
 
 class DPOConfig(_Section):
+    """A DPO run: `rayrlhf dpo --config FILE --set key=value`."""
+
     run_dir: str = "runs/tiny-dpo"
     """Output directory: metrics.jsonl, config.yaml, the final HF policy (and synthetic data)."""
     seed: int = 0
@@ -375,7 +379,7 @@ def _loop(
     for step in range(total):
         epoch, b = divmod(step, per_epoch)
         if b == 0:
-            order = pairs.order(epoch, cfg.seed)  # the last partial batch waits for next epoch
+            order = pairs.order(epoch, cfg.seed)  # pairs past the last full batch wait
         start = time.perf_counter()
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         stats = train_step(actors, cfg, pairs, ref, idx)

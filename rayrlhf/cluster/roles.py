@@ -46,7 +46,8 @@ def _busy(timer, **groups: list[Timed]) -> None:
     """Record each role's compute seconds in the step's timer (its slowest actor)."""
     if timer is not None:
         for role, results in groups.items():
-            timer.add_busy(role, max((r.seconds for r in results), default=0.0))
+            if results:  # a role with no actors (no critic) did no work
+                timer.add_busy(role, max(r.seconds for r in results))
 
 
 @ray.remote(num_cpus=0)
