@@ -1,4 +1,5 @@
-"""`rayrlhf` command line: train | dpo | best-of-n | make-tiny | check-config | check-placement.
+"""`rayrlhf` command line: train | dpo | best-of-n | sft | rm | pipeline | make-tiny |
+check-config | check-placement.
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (config, paths, data) found before Ray starts.
 """
@@ -21,7 +22,21 @@ EXAMPLES = """examples:
   rayrlhf make-tiny models/tiny
   rayrlhf dpo --config configs/dpo-tiny-cpu.yaml --set epochs=1
   rayrlhf best-of-n --config configs/tiny-cpu.yaml --n 8 --prompts 64
+  rayrlhf sft --config configs/sft-tiny-cpu.yaml
+  rayrlhf rm --config configs/rm-tiny-cpu.yaml --set epochs=1
+  rayrlhf pipeline --config configs/tiny-cpu-pipeline.yaml    # SFT -> RM -> PPO
 """
+
+# name -> (help, default recipe, "module:ConfigClass", "module:main function")
+STAGE_COMMANDS = {
+    "sft": ("supervised fine-tuning on demonstrations", "configs/sft-tiny-cpu.yaml",
+            "rayrlhf.sft:SFTConfig", "rayrlhf.sft:sft_main"),
+    "rm": ("train a reward model on preference pairs", "configs/rm-tiny-cpu.yaml",
+           "rayrlhf.rm:RMConfig", "rayrlhf.rm:rm_main"),
+    "pipeline": ("SFT -> reward model -> PPO into one run directory",
+                 "configs/tiny-cpu-pipeline.yaml", "rayrlhf.pipeline:PipelineConfig",
+                 "rayrlhf.pipeline:pipeline_main"),
+}  # fmt: skip
 
 
 def config_help(model: type = TrainConfig, prefix: str = "") -> str:
@@ -88,10 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     bon = sub.add_parser("best-of-n", help="sample n responses per prompt, keep the reward's best")
     for p, default in ((dpo, "configs/dpo-tiny-cpu.yaml"), (bon, "configs/tiny-cpu.yaml")):
         p.add_argument("--config", help=f"YAML recipe (default: the embedded {default})")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a field, e.g. --set policy.lr=1e-4 (repeatable)",
+        )  # fmt: skip
     dpo.add_argument("--help-config", action="store_true", help="list every DPO config field")
     bon.add_argument("--n", type=int, default=8, help="samples per prompt (default 8)")
     bon.add_argument("--prompts", type=int, default=64, help="prompts to answer (default 64)")
+    for name, (text, default, _, _) in STAGE_COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", help=f"YAML recipe (default: the embedded {default})")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        p.add_argument("--help-config", action="store_true", help="list every config field")
     tiny = sub.add_parser("make-tiny", help="build tiny tokenizer/policy/critic/reward models")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
@@ -122,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config_help(DPOConfig))
             return 0
         return dpo_main(args.config, args.overrides)
+    if args.command in STAGE_COMMANDS:
+        return _stage_main(args)
     if args.command == "best-of-n":
         from rayrlhf.best_of_n import best_of_n_main
 
@@ -144,6 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rayrlhf: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _stage_main(args: argparse.Namespace) -> int:
+    """`rayrlhf sft | rm | pipeline`: import the stage's module only when it is asked for."""
+    import importlib
+
+    _, _, config_cls, main_fn = STAGE_COMMANDS[args.command]
+    if args.help_config:
+        module, _, name = config_cls.partition(":")
+        print(config_help(getattr(importlib.import_module(module), name)))
+        return 0
+    module, _, name = main_fn.partition(":")
+    return getattr(importlib.import_module(module), name)(args.config, args.overrides)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""Greedy samples from an HF policy directory and their demo-task gold score (on one CPU process).
+
+Used to judge SFT and PPO policies outside Ray: HF `generate`, greedy, left-padded prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rayrlhf.data.demo_task import positive_word_fraction
+
+
+@torch.no_grad()
+def greedy_samples(
+    model_path: str | Path, prompts: list[str], max_new_tokens: int = 16, batch: int = 32
+) -> list[str]:
+    """The greedy continuation of every prompt (special tokens stripped)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    out: list[str] = []
+    for start in range(0, len(prompts), batch):
+        enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True)
+        ids = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = ids[:, enc["input_ids"].shape[1] :]
+        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+    return out
+
+
+def greedy_gold_score(
+    model_path: str | Path, prompts: list[str], max_new_tokens: int = 16
+) -> tuple[float, list[str]]:
+    """(mean `positive_word_fraction` of the greedy samples, the samples)."""
+    samples = greedy_samples(model_path, prompts, max_new_tokens)
+    scores = positive_word_fraction(prompts, samples)
+    return sum(scores) / max(len(scores), 1), samples

@@ -1,0 +1,145 @@
+"""What the single-role trainers (`rayrlhf sft`, `rayrlhf rm`) share: one ZeRO-3 group on Ray.
+
+A group is N rank actors in one placement group. Every wait is bounded by the phase timeout and
+a timeout names the phase, as in the PPO and DPO drivers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import remove_placement_group
+
+from rayrlhf.cluster.placement import actor_options, reserve
+from rayrlhf.cluster.roles import _address_and_port, _threads
+from rayrlhf.config import Resources
+from rayrlhf.workers.deepspeed_role import RankSpec
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How to start a ZeRO-3 group; `grad_accum_steps` = step batch / (ranks x micro-batch)."""
+
+    model_path: str
+    num_ranks: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    resources: Resources
+
+
+@dataclass
+class Zero3Group:
+    """The rank actors of one role and their placement group."""
+
+    timeout: float
+    ranks: list = field(default_factory=list)
+    placement_groups: list = field(default_factory=list)
+
+    def get(self, refs, phase: str):
+        """`ray.get` bounded by the phase timeout, with an error that names the phase."""
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"phase '{phase}' did not finish within {self.timeout}s "
+                "(raise phase_timeout_s if the model is that slow)"
+            ) from None
+
+    def call(self, method: str, shards: list, phase: str) -> list:
+        """Call `method` on every rank with its shard (collective), wait, return the results."""
+        refs = [getattr(a, method).remote(s) for a, s in zip(self.ranks, shards)]
+        return self.get(refs, phase)
+
+    def save(self, path: Path) -> None:
+        self.get([a.save.remote(str(path)) for a in self.ranks], "save")
+
+    def shutdown(self) -> None:
+        for actor in self.ranks:
+            ray.kill(actor)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
+        self.ranks.clear()
+        self.placement_groups.clear()
+
+
+def start_group(cls: type, role: str, spec: GroupSpec, group: Zero3Group, wait_s: float) -> None:
+    """Reserve bundles and start `spec.num_ranks` actors of `cls`; fills `group` as it goes,
+    so the caller's `shutdown` also cleans up a failed start."""
+    res = spec.resources
+    pg = reserve(role, res, spec.num_ranks, wait_s)
+    group.placement_groups.append(pg)
+    strategy = actor_options(pg, 0, res)["scheduling_strategy"]
+    addr, port = ray.get(_address_and_port.options(scheduling_strategy=strategy).remote())
+    for rank in range(spec.num_ranks):
+        rank_spec = RankSpec(
+            rank, spec.num_ranks, addr, port, spec.micro_batch_size, spec.grad_accum_steps,
+            spec.lr, spec.weight_decay, spec.grad_clip, spec.seed, _threads(res),
+        )  # fmt: skip
+        actor = ray.remote(cls).options(**actor_options(pg, rank, res))
+        group.ranks.append(actor.remote(spec.model_path, rank_spec))
+    group.get([a.__ray_ready__.remote() for a in group.ranks], "start-up")
+
+
+def connect(address: str | None, cpus_needed: float) -> None:
+    """Join the configured cluster, the job's cluster, or start a local one big enough."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(address=address or "auto")
+        return
+    ray.init(num_cpus=max(int(cpus_needed + 0.999), os.cpu_count() or 1), include_dashboard=False)
+
+
+def padded_indices(idx: list[int], n: int) -> list[int]:
+    """`idx` with rows repeated until its length divides by `n` (ZeRO-3 needs equal shards)."""
+    return idx + [idx[i % len(idx)] for i in range(-len(idx) % n)]
+
+
+class MetricsFile:
+    """Appends one JSON record per line to run_dir/metrics.jsonl (started afresh)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.path.unlink(missing_ok=True)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every record of run_dir/metrics.jsonl."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_recipe(model: type, default: str, path: str | Path | None, overrides: list[str]):
+    """Load a YAML recipe (default: the embedded `configs/<default>`), apply `--set`, validate."""
+    import importlib.resources
+
+    import yaml
+    from pydantic import ValidationError
+
+    from rayrlhf.config import ConfigError, _set_dotted, format_validation_error, parse_overrides
+
+    if path is None:
+        text = importlib.resources.files("rayrlhf").joinpath("configs", default).read_text()
+    else:
+        text = Path(path).read_text()
+    tree = yaml.safe_load(text) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
