@@ -13,8 +13,9 @@ from typing import get_args
 from rayrlhf.config import ConfigError, TrainConfig, load_config
 from rayrlhf.data.prompts import DataError
 
-EXAMPLES = """examples:
-  rayrlhf train                                   # the embedded tiny CPU recipe
+EXAMPLES = r"""examples:
+  rayrlhf pipeline --config configs/tiny-cpu-pipeline.yaml    # SFT -> RM -> PPO (the demo)
+  rayrlhf train                                   # PPO alone: the embedded tiny CPU recipe
   rayrlhf train --config configs/tiny-cpu.yaml --set algorithm.rollout_batch_size=16 --set steps=5
   rayrlhf check-config --config configs/tiny-cpu.yaml
   rayrlhf check-placement --config configs/llama3-8b-2x8xa100.yaml \
@@ -24,7 +25,6 @@ EXAMPLES = """examples:
   rayrlhf best-of-n --config configs/tiny-cpu.yaml --n 8 --prompts 64
   rayrlhf sft --config configs/sft-tiny-cpu.yaml
   rayrlhf rm --config configs/rm-tiny-cpu.yaml --set epochs=1
-  rayrlhf pipeline --config configs/tiny-cpu-pipeline.yaml    # SFT -> RM -> PPO
 """
 
 # name -> (help, default recipe, "module:ConfigClass", "module:main function")
