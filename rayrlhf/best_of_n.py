@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from rayrlhf.algorithms.estimators import best_of_n
 from rayrlhf.cluster.placement import actor_options, reserve
-from rayrlhf.cluster.roles import _threads
+from rayrlhf.cluster.roles import threads_for
 from rayrlhf.config import ConfigError, TrainConfig, load_config
 from rayrlhf.data.prompts import DataError, PromptSet
 from rayrlhf.data.synthetic import gold_score
@@ -109,7 +109,7 @@ def _start(cfg: TrainConfig) -> tuple[list, object, list]:
     reward = (
         ray.remote(RewardWorker)
         .options(**actor_options(pgs[1], 0, rw.resources))
-        .remote(rw.model_path, rw.rule, rw.micro_batch_size, _threads(rw.resources))
+        .remote(rw.model_path, rw.rule, rw.micro_batch_size, threads_for(rw.resources))
     )
     ray.get([a.__ray_ready__.remote() for a in [*engines, reward]], timeout=cfg.phase_timeout_s)
     return engines, reward, pgs

@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib.resources
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG = "tiny-cpu.yaml"
+M = TypeVar("M", bound=BaseModel)
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
@@ -23,11 +24,11 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names the field."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class Resources(_Section):
+class Resources(Section):
     num_cpus: float = Field(1.0, gt=0)
     """Logical CPUs reserved per actor of this role (its placement-group bundle)."""
     num_gpus: float = Field(0.0, ge=0)
@@ -36,7 +37,7 @@ class Resources(_Section):
     """Extra Ray custom resources per actor, e.g. {"rollout_node": 1} to pin a node type."""
 
 
-class PolicyConfig(_Section):
+class PolicyConfig(Section):
     model_path: str
     """HF directory of the initial policy (also the reference model unless it sets its own)."""
     num_ranks: int = Field(2, ge=1)
@@ -53,7 +54,7 @@ class PolicyConfig(_Section):
     """Resources of each rank's actor."""
 
 
-class CriticConfig(_Section):
+class CriticConfig(Section):
     model_path: str
     """HF directory of the value model (a one-label token-classification model)."""
     num_ranks: int = Field(1, ge=1)
@@ -68,7 +69,7 @@ class CriticConfig(_Section):
     """Resources of each rank's actor."""
 
 
-class ReferenceConfig(_Section):
+class ReferenceConfig(Section):
     model_path: str | None = None
     """HF directory of the frozen reference model; None means the policy's initial weights."""
     micro_batch_size: int = Field(16, ge=1)
@@ -77,7 +78,7 @@ class ReferenceConfig(_Section):
     """Resources of the reference actor."""
 
 
-class RewardConfig(_Section):
+class RewardConfig(Section):
     model_path: str | None = None
     """HF directory of a one-label sequence-classification reward model."""
     rule: str | None = None
@@ -96,7 +97,7 @@ class RewardConfig(_Section):
         return self
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     num_engines: int = Field(1, ge=1)
     """vLLM engines (Ray actors), scaled independently of the trainer ranks."""
     tensor_parallel_size: int = Field(1, ge=1)
@@ -119,7 +120,7 @@ class RolloutConfig(_Section):
     """Resources of each engine's actor (GPUs = tensor_parallel_size on a GPU cluster)."""
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     prompts: str = "demo"
     """JSONL file of prompts, or 'demo' for the built-in kind-words task."""
     prompt_key: str = "prompt"
@@ -130,7 +131,7 @@ class DataConfig(_Section):
     """Prompts generated when `prompts` is 'demo'."""
 
 
-class AlgorithmConfig(_Section):
+class AlgorithmConfig(Section):
     advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
     """Advantage estimator. gae uses the critic; grpo, dr_grpo, rloo and reinforce_pp do not (the
     critic actor is then not started)."""
@@ -198,7 +199,7 @@ class AlgorithmConfig(_Section):
         return self.advantage == "gae"
 
 
-class SyncConfig(_Section):
+class SyncConfig(Section):
     transport: Literal["object_store", "broadcast"] = "object_store"
     """How weights reach the engines: Ray object store, or a torch.distributed broadcast group."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -209,7 +210,7 @@ class SyncConfig(_Section):
     """Check every sync with a weight fingerprint on each engine; a mismatch stops the run."""
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(Section):
     prometheus: bool = True
     """Serve Prometheus metrics from the driver while the run lasts."""
     host: str = "127.0.0.1"
@@ -220,7 +221,7 @@ class MetricsConfig(_Section):
     """Write PNG plots of reward, KL and tokens/sec into run_dir at the end."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     run_dir: str = "runs/tiny-ppo"
     """Output directory: metrics.jsonl, config.yaml and the final HF policy."""
     steps: int = Field(40, ge=1)
@@ -283,7 +284,7 @@ class TrainConfig(_Section):
         return self.critic if self.algorithm.needs_critic else None
 
 
-def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+def set_dotted(tree: dict, dotted: str, value: object) -> None:
     keys = dotted.split(".")
     for key in keys[:-1]:
         node = tree.setdefault(key, {})
@@ -307,21 +308,27 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Load a YAML recipe (default: the embedded tiny CPU one), apply overrides, validate."""
+def load_recipe(model: type[M], default: str, path: str | Path | None, overrides=()) -> M:
+    """Load a YAML recipe (default: the embedded `configs/<default>`), apply `--set` overrides,
+    validate it as `model`. Every command (train, sft, rm, dpo, pipeline) loads through here."""
     if path is None:
-        text = importlib.resources.files("rayrlhf").joinpath("configs", DEFAULT_CONFIG).read_text()
+        text = importlib.resources.files("rayrlhf").joinpath("configs", default).read_text()
     else:
         text = Path(path).read_text()
     tree = yaml.safe_load(text) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
-        return TrainConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Load a PPO recipe (default: the embedded tiny CPU one), apply overrides, validate."""
+    return load_recipe(TrainConfig, DEFAULT_CONFIG, path, overrides)
 
 
 def format_validation_error(err: ValidationError) -> str:

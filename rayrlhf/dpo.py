@@ -11,7 +11,6 @@ forward pass per pair and frees the reference's resources for the whole training
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import os
 import sys
@@ -23,20 +22,18 @@ from typing import Literal
 import ray
 import torch
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from ray.util.placement_group import remove_placement_group
 from transformers import AutoTokenizer
 
 from rayrlhf.cluster.placement import actor_options, reserve
-from rayrlhf.cluster.roles import _address_and_port, _threads
+from rayrlhf.cluster.roles import address_and_port, threads_for
 from rayrlhf.config import (
     ConfigError,
     PolicyConfig,
     ReferenceConfig,
-    _Section,
-    _set_dotted,
-    format_validation_error,
-    parse_overrides,
+    Section,
+    load_recipe,
 )
 from rayrlhf.data.preferences import PreferenceSet, load_preferences
 from rayrlhf.data.prompts import DataError
@@ -59,7 +56,7 @@ CHUNK_PAIRS = 256
 """Pairs per remote call when scoring whole sets (bounds each call's padded batch)."""
 
 
-class DPODataConfig(_Section):
+class DPODataConfig(Section):
     """Where the preference pairs come from, and how long they may be."""
 
     train: str | None = None
@@ -70,7 +67,7 @@ class DPODataConfig(_Section):
     """Most tokens in prompt + response (either side); a longer pair is an error (file:line)."""
 
 
-class DPOConfig(_Section):
+class DPOConfig(Section):
     """A DPO run: `rayrlhf dpo --config FILE --set key=value`."""
 
     run_dir: str = "runs/tiny-dpo"
@@ -126,21 +123,8 @@ class DPOConfig(_Section):
 
 
 def load_dpo_config(path: str | Path | None = None, overrides: list[str] = ()) -> DPOConfig:
-    """Load a YAML recipe (default: the embedded tiny DPO one), apply overrides, validate."""
-    if path is None:
-        res = importlib.resources.files("rayrlhf").joinpath("configs", DEFAULT_DPO_CONFIG)
-        text = res.read_text()
-    else:
-        text = Path(path).read_text()
-    tree = yaml.safe_load(text) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
-    try:
-        return DPOConfig.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+    """Load a DPO recipe (default: the embedded tiny one), apply overrides, validate."""
+    return load_recipe(DPOConfig, DEFAULT_DPO_CONFIG, path, overrides)
 
 
 # ---- inputs, before Ray starts -------------------------------------------------------------
@@ -229,12 +213,12 @@ def start_actors(cfg: DPOConfig, actors: DPOActors) -> None:
     pg = reserve("policy", pol.resources, pol.num_ranks, cfg.placement_timeout_s)
     actors.placement_groups.append(pg)
     strategy = actor_options(pg, 0, pol.resources)["scheduling_strategy"]
-    addr, port = ray.get(_address_and_port.options(scheduling_strategy=strategy).remote())
+    addr, port = ray.get(address_and_port.options(scheduling_strategy=strategy).remote())
     accum = cfg.batch_size // (pol.num_ranks * pol.micro_batch_size)
     for rank in range(pol.num_ranks):
         spec = RankSpec(
             rank, pol.num_ranks, addr, port, pol.micro_batch_size, accum, pol.lr,
-            pol.weight_decay, pol.grad_clip, cfg.seed, _threads(pol.resources),
+            pol.weight_decay, pol.grad_clip, cfg.seed, threads_for(pol.resources),
         )  # fmt: skip
         options = actor_options(pg, rank, pol.resources)
         actors.policy.append(
@@ -246,7 +230,7 @@ def start_actors(cfg: DPOConfig, actors: DPOActors) -> None:
     actors.reference = (
         ray.remote(DPOReferenceWorker)
         .options(**actor_options(pg, 0, ref.resources))
-        .remote(ref.model_path or pol.model_path, ref.micro_batch_size, _threads(ref.resources))
+        .remote(ref.model_path or pol.model_path, ref.micro_batch_size, threads_for(ref.resources))
     )
     actors.get([a.__ray_ready__.remote() for a in [*actors.policy, actors.reference]], "start-up")
 

@@ -227,4 +227,4 @@ class PrometheusMetrics:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All step records of a run, in order."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return [json.loads(line) for line in lines if line.strip()]

@@ -22,20 +22,20 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from rayrlhf.config import ConfigError, TrainConfig, _Section, load_config
+from rayrlhf.config import ConfigError, Section, TrainConfig, load_config, load_recipe
 from rayrlhf.data.demo_task import demo_prompts
 from rayrlhf.data.prompts import DataError
 from rayrlhf.gold_eval import greedy_gold_score
+from rayrlhf.metrics import read_metrics
 from rayrlhf.rm import RMConfig, train_rm
 from rayrlhf.sft import SFTConfig, train_sft
-from rayrlhf.zero3_run import load_recipe, read_metrics
 
 DEFAULT_PIPELINE_CONFIG = "tiny-cpu-pipeline.yaml"
 EVAL_SEED_OFFSET = 99_991
 """Report prompts use seed + this, so they are drawn apart from PPO's training prompts."""
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     run_dir: str = "runs/tiny-pipeline"
     """Output directory; the stages write into its sft/, rm/ and ppo/ sub-directories."""
     seed: int = 0

@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from rayrlhf.config import ConfigError, Resources, _Section
+from rayrlhf.config import ConfigError, Resources, Section, load_recipe
 from rayrlhf.data.prompts import DataError
 from rayrlhf.data.reward_pairs import RewardPairSet, load_reward_pairs
 from rayrlhf.types import shard_rows
@@ -30,7 +30,6 @@ from rayrlhf.zero3_run import (
     MetricsFile,
     Zero3Group,
     connect,
-    load_recipe,
     padded_indices,
     start_group,
 )
@@ -42,7 +41,7 @@ CHUNK_PAIRS = 256
 """Pairs per evaluation call (bounds each call's padded batch)."""
 
 
-class RMDataConfig(_Section):
+class RMDataConfig(Section):
     train: str | None = None
     """JSONL file of {prompt, chosen, rejected[, margin]} training pairs (unset with
     synthetic_pairs). A numeric `margin` is subtracted from r_chosen - r_rejected in the loss."""
@@ -52,7 +51,7 @@ class RMDataConfig(_Section):
     """Most tokens in prompt + response (either side); a longer pair is a bad row (file:line)."""
 
 
-class RMConfig(_Section):
+class RMConfig(Section):
     run_dir: str = "runs/tiny-rm"
     """Output directory: metrics.jsonl, config.yaml, model/ (the trained reward model)."""
     seed: int = 0

@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, model_validator
 from transformers import AutoTokenizer
 
-from rayrlhf.config import ConfigError, Resources, _Section
+from rayrlhf.config import ConfigError, Resources, Section, load_recipe
 from rayrlhf.data.demonstrations import SFTSet, load_demonstrations, synthetic_demonstrations
 from rayrlhf.data.prompts import DataError
 from rayrlhf.types import shard_rows
@@ -27,7 +27,6 @@ from rayrlhf.zero3_run import (
     MetricsFile,
     Zero3Group,
     connect,
-    load_recipe,
     padded_indices,
     start_group,
 )
@@ -39,7 +38,7 @@ CHUNK_ROWS = 256
 """Rows per evaluation call (bounds each call's padded batch)."""
 
 
-class SFTDataConfig(_Section):
+class SFTDataConfig(Section):
     train: str | None = None
     """JSONL of {prompt, response} or {messages: [{role, content}, ...]} rows (unset with
     synthetic_demos). Rendered with the tokenizer's chat template when it has one, else as
@@ -50,7 +49,7 @@ class SFTDataConfig(_Section):
     """Most tokens in prompt + response; a longer row is a bad row (file:line)."""
 
 
-class SFTConfig(_Section):
+class SFTConfig(Section):
     run_dir: str = "runs/tiny-sft"
     """Output directory: metrics.jsonl, config.yaml, model/ (the fine-tuned policy)."""
     seed: int = 0

@@ -15,7 +15,7 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from rayrlhf.cluster.placement import actor_options, reserve
-from rayrlhf.cluster.roles import _address_and_port, _threads
+from rayrlhf.cluster.roles import address_and_port, threads_for
 from rayrlhf.config import Resources
 from rayrlhf.workers.deepspeed_role import RankSpec
 
@@ -77,11 +77,11 @@ def start_group(cls: type, role: str, spec: GroupSpec, group: Zero3Group, wait_s
     pg = reserve(role, res, spec.num_ranks, wait_s)
     group.placement_groups.append(pg)
     strategy = actor_options(pg, 0, res)["scheduling_strategy"]
-    addr, port = ray.get(_address_and_port.options(scheduling_strategy=strategy).remote())
+    addr, port = ray.get(address_and_port.options(scheduling_strategy=strategy).remote())
     for rank in range(spec.num_ranks):
         rank_spec = RankSpec(
             rank, spec.num_ranks, addr, port, spec.micro_batch_size, spec.grad_accum_steps,
-            spec.lr, spec.weight_decay, spec.grad_clip, spec.seed, _threads(res),
+            spec.lr, spec.weight_decay, spec.grad_clip, spec.seed, threads_for(res),
         )  # fmt: skip
         actor = ray.remote(cls).options(**actor_options(pg, rank, res))
         group.ranks.append(actor.remote(spec.model_path, rank_spec))
@@ -113,33 +113,3 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Every record of run_dir/metrics.jsonl."""
-    text = (Path(run_dir) / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def load_recipe(model: type, default: str, path: str | Path | None, overrides: list[str]):
-    """Load a YAML recipe (default: the embedded `configs/<default>`), apply `--set`, validate."""
-    import importlib.resources
-
-    import yaml
-    from pydantic import ValidationError
-
-    from rayrlhf.config import ConfigError, _set_dotted, format_validation_error, parse_overrides
-
-    if path is None:
-        text = importlib.resources.files("rayrlhf").joinpath("configs", default).read_text()
-    else:
-        text = Path(path).read_text()
-    tree = yaml.safe_load(text) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
-    try:
-        return model.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None

@@ -51,13 +51,13 @@ def _busy(timer, **groups: list[Timed]) -> None:
 
 
 @ray.remote(num_cpus=0)
-def _address_and_port() -> tuple[str, int]:
+def address_and_port() -> tuple[str, int]:
     """Run inside a role's bundle: the node's IP and a free port there (rank 0's rendezvous)."""
     ip = ray.util.get_node_ip_address()
     return ip, free_port(ip)
 
 
-def _threads(res: Resources) -> int:
+def threads_for(res: Resources) -> int:
     return max(1, int(res.num_cpus))
 
 
@@ -85,7 +85,7 @@ class Roles:
             cfg.reference.resources,
             ref_path,
             cfg.reference.micro_batch_size,
-            _threads(cfg.reference.resources),
+            threads_for(cfg.reference.resources),
         )
         rw = cfg.reward
         self.reward = self._single(
@@ -95,7 +95,7 @@ class Roles:
             rw.model_path,
             rw.rule,
             rw.micro_batch_size,
-            _threads(rw.resources),
+            threads_for(rw.resources),
         )
         ro = cfg.rollout
         pg = self._reserve("rollout", ro.resources, ro.num_engines)
@@ -135,7 +135,7 @@ class Roles:
     def _zero3_group(self, role: str, cls, model_path: str, rc, weight_decay: float) -> list:
         pg = self._reserve(role, rc.resources, rc.num_ranks)
         addr, port = ray.get(
-            _address_and_port.options(
+            address_and_port.options(
                 scheduling_strategy=actor_options(pg, 0, rc.resources)["scheduling_strategy"]
             ).remote()
         )
@@ -156,7 +156,7 @@ class Roles:
                 weight_decay,
                 rc.grad_clip,
                 self.cfg.seed,
-                _threads(rc.resources),
+                threads_for(rc.resources),
             )
             actors.append(
                 ray.remote(cls)
@@ -170,7 +170,7 @@ class Roles:
         if backend == "nccl" and not self.cfg.rollout.resources.num_gpus:
             raise ValueError("sync.backend nccl needs GPU engines (rollout.resources.num_gpus)")
         plan = self.get(self.policy[0].sync_plan.remote(self.cfg.sync.bucket_mb), "sync plan")
-        host, port = self.get(_address_and_port.remote(), "sync group address")
+        host, port = self.get(address_and_port.remote(), "sync group address")
         sizes = self.get([e.num_workers.remote() for e in self.engines], "sync group")
         world, offsets = 1 + sum(sizes), [1 + sum(sizes[:i]) for i in range(len(sizes))]
         joins = [self.policy[0].init_weight_group.remote(host, port, world, backend)]

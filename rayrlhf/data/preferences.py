@@ -103,13 +103,13 @@ def read_preference_rows(path: Path) -> list[tuple[int, str, str, str]]:
     # split on \n only: str.splitlines() also breaks at U+2028, which JSON allows in strings
     for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
-            rows.append((n, *_check_row(line, f"{path}:{n}")))
+            rows.append((n, *check_preference_row(line, f"{path}:{n}")))
     if not rows:
         raise DataError(f"{path}: no preference pairs in the file")
     return rows
 
 
-def _check_row(line: str, where: str) -> tuple[str, str, str]:
+def check_preference_row(line: str, where: str) -> tuple[str, str, str]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:

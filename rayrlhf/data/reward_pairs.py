@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rayrlhf.data.jsonl import OnBadRow, read_jsonl
-from rayrlhf.data.preferences import PreferenceBatch, PreferenceSet, _check_row
+from rayrlhf.data.preferences import PreferenceBatch, PreferenceSet, check_preference_row
 from rayrlhf.data.prompts import DataError
 
 
@@ -73,7 +73,7 @@ class RewardPairSet:
 
 def check_reward_row(row: dict, where: str) -> tuple[str, str, str, float]:
     """(prompt, chosen, rejected, margin); the margin must be a finite number if present."""
-    prompt, chosen, rejected = _check_row(json.dumps(row), where)
+    prompt, chosen, rejected = check_preference_row(json.dumps(row), where)
     margin = row.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, int | float):
         raise DataError(f"{where}: 'margin' must be a number, got {type(margin).__name__}")
