@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 
 from rayrlhf.cluster.placement import actor_options, reserve
 from rayrlhf.cluster.roles import address_and_port, threads_for
+from rayrlhf.cluster.waits import bounded_get
 from rayrlhf.config import (
     ConfigError,
     PolicyConfig,
@@ -181,13 +182,7 @@ class DPOActors:
 
     def get(self, refs, phase: str):
         """`ray.get` bounded by the phase timeout, with an error that names the phase."""
-        try:
-            return ray.get(refs, timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"phase '{phase}' did not finish within {self.timeout}s "
-                "(raise phase_timeout_s if the model is that slow)"
-            ) from None
+        return bounded_get(refs, self.timeout, phase)
 
     def release_reference(self) -> None:
         """Kill the reference actor and free its bundle: its log-probs are cached."""

@@ -16,6 +16,7 @@ from ray.util.placement_group import remove_placement_group
 
 from rayrlhf.cluster.placement import actor_options, reserve
 from rayrlhf.cluster.roles import address_and_port, threads_for
+from rayrlhf.cluster.waits import bounded_get
 from rayrlhf.config import Resources
 from rayrlhf.workers.deepspeed_role import RankSpec
 
@@ -45,13 +46,7 @@ class Zero3Group:
 
     def get(self, refs, phase: str):
         """`ray.get` bounded by the phase timeout, with an error that names the phase."""
-        try:
-            return ray.get(refs, timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"phase '{phase}' did not finish within {self.timeout}s "
-                "(raise phase_timeout_s if the model is that slow)"
-            ) from None
+        return bounded_get(refs, self.timeout, phase)
 
     def call(self, method: str, shards: list, phase: str) -> list:
         """Call `method` on every rank with its shard (collective), wait, return the results."""

@@ -18,6 +18,7 @@ from ray.util.placement_group import remove_placement_group
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
 from rayrlhf.cluster.collective import free_port, resolve_backend
 from rayrlhf.cluster.placement import actor_options, reserve
+from rayrlhf.cluster.waits import bounded_get
 from rayrlhf.config import Resources, TrainConfig
 from rayrlhf.types import (
     Experience,
@@ -115,13 +116,7 @@ class Roles:
 
     def get(self, refs, phase: str):
         """`ray.get` bounded by the phase timeout, with an error that names the phase."""
-        try:
-            return ray.get(refs, timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
-                f"phase '{phase}' did not finish within {self.timeout}s "
-                "(raise phase_timeout_s if the model is that slow)"
-            ) from None
+        return bounded_get(refs, self.timeout, phase)
 
     def _reserve(self, role: str, res: Resources, count: int):
         pg = reserve(role, res, count, self.cfg.placement_timeout_s)
