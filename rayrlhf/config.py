@@ -163,6 +163,13 @@ class AlgorithmConfig(Section):
     """Adaptive controller: target KL per sequence, in nats."""
     kl_horizon: int = Field(10000, ge=1)
     """Adaptive controller: horizon in sequences; smaller reacts faster."""
+    kl_gain: float = Field(0.0, ge=0)
+    """Adaptive controller: proportional gain that damps Ziegler's integral update
+    (beta = beta_I * exp(kl_gain * error)); 0 is Ziegler's controller exactly."""
+    kl_coef_min: float = Field(0.0, ge=0)
+    """Adaptive controller: floor on beta, against wind-up while KL is still below target."""
+    kl_coef_max: float | None = Field(None, gt=0)
+    """Adaptive controller: ceiling on beta; None for none."""
     whiten_advantages: bool = True
     """gae: normalise advantages to zero mean and unit std over the batch."""
     dual_clip: float | None = Field(None, gt=1)

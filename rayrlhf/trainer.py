@@ -65,7 +65,14 @@ def train(cfg: TrainConfig) -> Path:
 
 def kl_controller(algo: AlgorithmConfig) -> FixedKLController | AdaptiveKLController:
     if algo.kl_controller == "adaptive":
-        return AdaptiveKLController(algo.kl_coef, algo.kl_target, algo.kl_horizon)
+        return AdaptiveKLController(
+            algo.kl_coef,
+            algo.kl_target,
+            algo.kl_horizon,
+            gain=algo.kl_gain,
+            min_coef=algo.kl_coef_min,
+            max_coef=algo.kl_coef_max or float("inf"),
+        )
     return FixedKLController(algo.kl_coef)
 
 

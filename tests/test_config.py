@@ -370,3 +370,15 @@ def test_critic_free_config_needs_no_critic_and_gae_does():
     assert cfg.active_critic is None
     with pytest.raises(ConfigError, match="critic: required by algorithm.advantage=gae"):
         load_config(None, ["critic=null"])
+
+
+def test_adaptive_kl_start_outside_its_bounds_is_rejected():
+    with pytest.raises(ConfigError, match=r"kl_coef=0.01 must lie within \[kl_coef_min=0.02"):
+        load_config(
+            None,
+            [
+                "algorithm.kl_controller=adaptive",
+                "algorithm.kl_coef=0.01",
+                "algorithm.kl_coef_min=0.02",
+            ],
+        )

@@ -95,6 +95,51 @@ def test_adaptive_controller_compounds_over_updates():
     assert ctl.value == pytest.approx(0.121)
 
 
+def test_adaptive_controller_floor_ceiling_and_damping_hand_numbers():
+    # Floor: kl = 0 -> error clipped to -0.2, horizon = n_steps: 0.1 * 0.8 = 0.08 -> floor 0.09
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=32, min_coef=0.09)
+    ctl.update(0.0, 32)
+    assert ctl.value == pytest.approx(0.09) and ctl.integral == pytest.approx(0.09)
+    # Ceiling: kl = 4 -> +0.2: 0.1 * 1.2 = 0.12 -> ceiling 0.11
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=32, max_coef=0.11)
+    ctl.update(4.0, 32)
+    assert ctl.value == pytest.approx(0.11)
+    # Damping: kl = 3, target 2 -> error 0.5. Integral: 0.1 * (1 + 0.2 * 32/64) = 0.11;
+    # beta = 0.11 * exp(1.5 * 0.5) = 0.11 * 2.117000 = 0.232870
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=64, gain=1.5)
+    ctl.update(3.0, 32)
+    assert ctl.integral == pytest.approx(0.11)
+    assert ctl.value == pytest.approx(0.11 * math.exp(0.75))
+    # The damping term's error is clipped at +-1: kl = 100 counts as 2x target
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=64, gain=1.5)
+    ctl.update(100.0, 32)
+    assert ctl.value == pytest.approx(0.11 * math.exp(1.5))
+    with pytest.raises(ValueError, match="min_coef"):
+        AdaptiveKLController(0.01, target=2.0, horizon=64, min_coef=0.02)
+
+
+def _lagged_policy(ctl: AdaptiveKLController, steps: int = 60, seed: int = 0) -> list[float]:
+    """A model of what the controller steers, fitted to the demo task (PPO, lr 5e-4, batch 32):
+    KL drifts up by 35 * (0.03 - beta) nats per step once the policy moves (0.15 before
+    step 15), beta acts two steps after the KL it reacts to, and each batch's KL is noisy."""
+    gen, kl, measured = torch.Generator().manual_seed(seed), 0.0, []
+    for t in range(steps):
+        noise = 0.4 * min(1.0, kl / 3) * torch.randn((), generator=gen).item()
+        measured.append(max(0.0, kl + noise))
+        kl = max(0.0, kl + (35 * (0.03 - ctl.value) if t >= 15 else 0.15))
+        ctl.update(measured[-1], n_steps=32)
+    return measured
+
+
+def test_damping_and_floor_hold_kl_where_ziegler_alone_oscillates():
+    target, in_band = 3.0, lambda kl: all(target / 2 <= k <= 2 * target for k in kl[30:])
+    for seed in range(5):
+        ziegler = AdaptiveKLController(0.01, target, horizon=128)
+        damped = AdaptiveKLController(0.01, target, horizon=128, gain=1.5, min_coef=0.01)
+        assert not in_band(_lagged_policy(ziegler, seed=seed)), seed
+        assert in_band(_lagged_policy(damped, seed=seed)), seed
+
+
 def test_kl_loss_term_hand_case_and_gradient():
     # token 0: log p = log 0.5, log p_ref = log 0.25 -> d = ln 2, k3 = 0.193147, k1 = 0.693147
     # token 1: identical -> 0; token 2: padding with garbage (would be inf/NaN if used)
