@@ -11,8 +11,10 @@ Definitions:
     tokens_per_sec_per_device  total tokens / (step seconds x devices); a device is one actor's
                                GPU share, or its CPU bundle on a CPU-only machine
     orchestration_overhead     1 - (per phase, the busiest role's compute seconds) / step seconds
---sync-compare times a bucketed sync against one bucket per parameter on the same actors, and
-the machine's memory-copy bandwidth measured in the same process: the physical limit here.
+--sync-compare times the bucketed, streamed sync against peers' per-parameter sync (one
+parameter, one RPC per engine, one wait at a time) and against a streamed per-parameter sync, on
+the same actors, and the machine's memory-copy bandwidth measured in the same process: the
+physical limit here.
 """
 
 from __future__ import annotations
@@ -135,17 +137,29 @@ def memcpy_gb_per_sec(nbytes: int, reps: int = 5) -> float:
     return nbytes / best / 1e9
 
 
+SYNC_MODES = {
+    # name: (bucket MiB or None for the config's, max_in_flight or None for the config's)
+    "bucketed": (None, None),
+    # Peers' per-parameter sync: gather one parameter, send it, one RPC per engine to load it,
+    # wait for the load, next parameter.
+    "per_parameter": (1e-9, 0),
+    # One parameter per bucket but streamed like the bucketed sync: isolates what bucketing
+    # alone buys from what overlapping gather and load buys.
+    "per_parameter_streamed": (1e-9, None),
+}
+
+
 def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
-    """Bucketed vs one-parameter-per-bucket sync on the same actors (object-store transport)."""
+    """Each of SYNC_MODES on the same actors (object-store transport), median of `reps`."""
     roles = Roles(cfg)
     try:
         roles.sync_weights()  # warm-up: first gathers, first reload
         timings = {}
-        for name, mb in (("bucketed", cfg.sync.bucket_mb), ("per_parameter", 1e-9)):
+        for name, (mb, ahead) in SYNC_MODES.items():
             seconds = []
             for _ in range(reps):
                 start = time.perf_counter()
-                result = roles.sync_weights(bucket_mb=mb)
+                result = roles.sync_weights(bucket_mb=mb, max_in_flight=ahead)
                 seconds.append(time.perf_counter() - start)
             timings[name] = {"seconds": statistics.median(seconds), "buckets": result.num_buckets}
     finally:
@@ -155,8 +169,12 @@ def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
     bucketed = timings["bucketed"]["seconds"]
     return {
         "bytes": nbytes,
+        "bucket_mb": cfg.sync.bucket_mb,
+        "max_in_flight": cfg.sync.max_in_flight,
         **timings,
         "speedup": timings["per_parameter"]["seconds"] / bucketed,
+        "speedup_vs_streamed_per_parameter": timings["per_parameter_streamed"]["seconds"]
+        / bucketed,
         "bucketed_gb_per_sec": nbytes / bucketed / 1e9,
         "memcpy_gb_per_sec": copy,
         "fraction_of_memcpy": nbytes / bucketed / 1e9 / copy,
@@ -167,14 +185,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZE_OVERRIDES), default="tiny")
     parser.add_argument("--steps", type=int, default=6, help="steps per run (first is warm-up)")
-    parser.add_argument("--engines", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--engines",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="engine counts to run; none for --sync-compare alone",
+    )
     parser.add_argument("--sync-compare", action="store_true")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     out = {"size": args.size, "runs": []}
     # One local cluster for every run, with a bundle for each actor of the largest; actor logs
     # stay in Ray's files and progress goes to stderr, so stdout is the JSON alone.
-    ray.init(num_cpus=6 + max(args.engines), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=6 + max(args.engines, default=1), include_dashboard=False, log_to_driver=False
+    )
     with tempfile.TemporaryDirectory(prefix="rayrlhf-bench-") as tmp, redirect_stdout(sys.stderr):
         for m in args.engines:
             cfg = bench_config(args.size, m, args.steps, f"{tmp}/engines{m}", args.extra)

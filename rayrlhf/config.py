@@ -199,6 +199,12 @@ class AlgorithmConfig(Section):
                 f"algorithm.advantage={self.advantage} compares samples of a prompt: "
                 "set algorithm.n_samples_per_prompt >= 2"
             )
+        lo, hi = self.kl_coef_min, self.kl_coef_max
+        if self.kl_controller == "adaptive" and not lo <= self.kl_coef <= (hi or float("inf")):
+            raise ValueError(
+                f"algorithm.kl_coef={self.kl_coef} must lie within [kl_coef_min={lo}, "
+                f"kl_coef_max={hi}] for the adaptive controller"
+            )
         return self
 
     @property
@@ -213,6 +219,9 @@ class SyncConfig(Section):
     """Broadcast backend; 'auto' is NCCL with GPUs, gloo without."""
     bucket_mb: float = Field(64.0, gt=0)
     """Parameters are gathered from ZeRO-3 and sent in buckets of about this many MiB."""
+    max_in_flight: int = Field(2, ge=0)
+    """object_store: buckets gathered ahead of the engines' loads. Bounds the object-store
+    memory a sync holds to about (max_in_flight + 1) x bucket_mb; 0 waits for every load."""
     verify: bool = True
     """Check every sync with a weight fingerprint on each engine; a mismatch stops the run."""
 

@@ -146,7 +146,7 @@ class SyncResult:
     """What one weight sync moved, and its verification."""
 
     fingerprint: str
-    """SHA-256 hex digest over every (name, dtype, shape, bytes) sent, in order."""
+    """`Fingerprint` hex digest over every (name, dtype, shape, bytes) sent, in order."""
     num_bytes: int
     """Bytes of parameters sent."""
     num_tensors: int

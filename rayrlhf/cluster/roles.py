@@ -11,6 +11,8 @@ the phase, not a silent hang.
 
 from __future__ import annotations
 
+from collections import deque
+
 import ray
 import torch
 from ray.util.placement_group import remove_placement_group
@@ -70,6 +72,7 @@ class Roles:
         check_capacity(cfg, cluster_shape_from_ray())
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
+        self._num_buckets: dict[float, int] = {}
         self.placement_groups: list = []
         pol, crt = cfg.policy, cfg.active_critic
         self.policy = self._zero3_group(
@@ -229,23 +232,39 @@ class Roles:
             crt += [o.value for o in out[len(p) :]]
         return mean_stats(pol), mean_stats(crt) if crt else TrainStats(loss=0.0)
 
-    def sync_weights(self, bucket_mb: float | None = None) -> SyncResult:
+    def sync_weights(self, bucket_mb: float | None = None, max_in_flight: int | None = None):
         """Push the policy's new weights into every engine and verify them there.
 
-        `bucket_mb` overrides the configured bucket size (the benchmark's per-parameter baseline
-        uses a tiny one); the broadcast transport's bucket plan is fixed at start-up.
+        `bucket_mb` and `max_in_flight` override the config (the benchmark's per-parameter
+        baseline); the broadcast transport's bucket plan is fixed at start-up.
         """
-        sync, mb = self.cfg.sync, bucket_mb or self.cfg.sync.bucket_mb
+        sync = self.cfg.sync
+        mb = bucket_mb or sync.bucket_mb
         if sync.transport == "object_store":
-            refs, result = self.get([a.weights_to_store.remote(mb) for a in self.policy], "sync")[0]
-            expected = result.fingerprint if sync.verify else None
-            self.get(
-                [e.load_weights_from_store.remote(refs, expected) for e in self.engines], "sync"
-            )
-            return result
+            ahead = sync.max_in_flight if max_in_flight is None else max_in_flight
+            return self.sync_through_store(mb, ahead)
         calls = [a.broadcast_weights.remote(mb) for a in self.policy]
         calls += [e.receive_weights.remote(sync.verify) for e in self.engines]
         return self.get(calls, "sync")[0]
+
+    def sync_through_store(self, bucket_mb: float, max_in_flight: int) -> SyncResult:
+        """Stream buckets: every engine loads bucket k as soon as rank 0 has put it, while the
+        ranks gather k+1; at most `max_in_flight` buckets run ahead of the engines' loads
+        (0 is the one-at-a-time round trip of peers' per-parameter sync)."""
+        if bucket_mb not in self._num_buckets:
+            n = self.get(self.policy[0].num_buckets.remote(bucket_mb), "sync")
+            self._num_buckets[bucket_mb] = n
+        pending: deque[list] = deque()
+        for k in range(self._num_buckets[bucket_mb]):
+            put = [a.put_bucket.remote(k, bucket_mb) for a in self.policy]
+            pending.append(put[1:] + [e.load_bucket.remote(put[0], k) for e in self.engines])
+            while len(pending) > max_in_flight:
+                self.get(pending.popleft(), "sync")
+        for refs in pending:
+            self.get(refs, "sync")
+        sent = self.policy[0].sync_result.remote()
+        self.get([e.finish_load.remote(sent, self.cfg.sync.verify) for e in self.engines], "sync")
+        return self.get(sent, "sync")
 
     def save_policy(self, path: str) -> None:
         self.get([a.save.remote(path) for a in self.policy], "save")

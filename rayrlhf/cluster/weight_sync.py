@@ -7,8 +7,12 @@ Flow of one sync:
     the engine compares the two fingerprints and raises `WeightSyncError` if they differ.
 
 Transports:
-    object_store: rank 0 `ray.put`s each bucket; engines `ray.get` them. Works across nodes, CPU
-        default. The driver passes the list of refs to every engine.
+    object_store: rank 0 `ray.put`s each bucket while it is gathered; every engine loads it as
+        soon as it is there, so gathering bucket k+1 overlaps loading bucket k. The driver keeps
+        at most `max_in_flight` buckets ahead of the engines, which bounds object-store memory.
+        Works across nodes; the CPU default. Buckets travel as raw-byte numpy views (`to_wire`):
+        Ray stores numpy arrays out of band, one copy in and none out, where torch tensors are
+        pickled (measured on the 100M model: put 2.4x slower, and a full copy on get).
     broadcast: one torch.distributed group of rank 0 + every engine worker; a bucket is one
         flat tensor broadcast. gloo on CPU, NCCL on GPU: the same code.
 """
@@ -16,9 +20,12 @@ Transports:
 from __future__ import annotations
 
 import hashlib
+import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -64,10 +71,13 @@ def plan_buckets(params: Iterable[ParamMeta], bucket_bytes: int) -> list[list[Pa
 
 
 class Fingerprint:
-    """Order-sensitive SHA-256 over (name, dtype, shape, raw bytes) of each tensor.
+    """Order-sensitive digest of a weight stream: SHA-256 over one record per tensor, (name,
+    dtype, shape, CRC-32 of its raw bytes).
 
-    SHA-256 because CPUs hash it in hardware (SHA-NI: ~1.5 GB/s here, 3x blake2b), and the bytes
-    are hashed in place through a memoryview, never copied.
+    CRC-32 for the bytes because it is what the check needs at 2.3x the speed: it catches every
+    error burst up to 32 bits and any other corruption but one in 2^32, and zlib computes it at
+    3.7 GB/s here against SHA-256's 1.6 GB/s (measured on the 100M model's 456 MB, where two
+    SHA-256 passes per sync cost 0.6 s of CPU). The bytes are read in place, never copied.
     """
 
     def __init__(self) -> None:
@@ -77,9 +87,8 @@ class Fingerprint:
 
     def update(self, name: str, tensor: Tensor) -> None:
         t = tensor.detach().contiguous().cpu()
-        self._h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            self._h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        crc = zlib.crc32(memoryview(t.reshape(-1).view(torch.uint8).numpy())) if t.numel() else 0
+        self._h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{crc:08x};".encode())
         self.num_bytes += t.numel() * t.element_size()
         self.num_tensors += 1
 
@@ -111,6 +120,30 @@ def unflatten_bucket(flat: Tensor, metas: list[ParamMeta]) -> list[tuple[str, Te
         out.append((m.name, flat[offset : offset + m.numel].view(m.shape)))
         offset += m.numel
     return out
+
+
+WireBucket = list[tuple[str, str, tuple[int, ...], np.ndarray]]
+
+
+def to_wire(bucket: list[tuple[str, Tensor]]) -> WireBucket:
+    """(name, dtype, shape, uint8 view) per tensor, no copy for CPU tensors. Raw bytes, because
+    numpy has no bfloat16."""
+    out = []
+    for name, t in bucket:
+        t = t.detach().contiguous().cpu()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        out.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw))
+    return out
+
+
+def from_wire(wire: WireBucket) -> list[tuple[str, Tensor]]:
+    """Tensors over the (read-only, object-store backed) buffers of a `to_wire` bucket."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
+        return [
+            (name, torch.from_numpy(raw).view(getattr(torch, dtype)).view(shape))
+            for name, dtype, shape, raw in wire
+        ]
 
 
 def send_broadcast(

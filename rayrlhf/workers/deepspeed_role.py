@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,7 @@ class DeepSpeedRole:
             model=model, config=self.ds_config, model_parameters=model.parameters()
         )
         self.model_path = model_path
+        self._plans: dict[int, list[list[ParamMeta]]] = {}
 
     @property
     def module(self) -> torch.nn.Module:
@@ -105,27 +107,38 @@ class DeepSpeedRole:
         """Full (unsharded) name, shape and dtype of every parameter, in sync order."""
         return [ParamMeta(n, tuple(p.ds_shape), p.dtype) for n, p in self.module.named_parameters()]
 
-    def gathered_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
-        """Yield full parameters a bucket at a time. Collective: every rank must iterate.
+    def bucket_plan(self, bucket_bytes: int) -> list[list[ParamMeta]]:
+        """The parameters in buckets of about `bucket_bytes` (the same on every rank)."""
+        if bucket_bytes not in self._plans:
+            self._plans[bucket_bytes] = plan_buckets(self.param_metas(), bucket_bytes)
+        return self._plans[bucket_bytes]
 
-        Rank 0 gets CPU copies (name, tensor); other ranks get empty lists.
+    @contextmanager
+    def gathered(self, metas: list[ParamMeta]) -> Iterator[list[tuple[str, Tensor]]]:
+        """The full parameters of `metas` while the context lasts. Collective.
+
+        Rank 0 gets (name, tensor) views of DeepSpeed's gathered buffers, valid only inside the
+        context (copy what must outlive it); other ranks get an empty list.
         """
         import deepspeed
 
         named = dict(self.module.named_parameters())
-        for metas in plan_buckets(self.param_metas(), bucket_bytes):
-            params = [named[m.name] for m in metas]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if self.spec.rank == 0:
-                    yield [(m.name, p.data.detach().clone()) for m, p in zip(metas, params)]
-                else:
-                    yield []
+        params = [named[m.name] for m in metas]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield [(m.name, p.data) for m, p in zip(metas, params)] if self.spec.rank == 0 else []
+
+    def gathered_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
+        """Yield full parameters a bucket at a time (see `gathered`: each bucket's tensors are
+        valid until the next one is requested). Collective: every rank must iterate."""
+        for metas in self.bucket_plan(bucket_bytes):
+            with self.gathered(metas) as bucket:
+                yield bucket
 
     def save(self, path: str, bucket_mb: float = 256.0) -> None:
         """Write an HF checkpoint (model + tokenizer) from rank 0. Collective."""
         state = {}
         for bucket in self.gathered_buckets(int(bucket_mb * 2**20)):
-            state.update({n: t.cpu() for n, t in bucket})
+            state.update({n: t.detach().to("cpu", copy=True) for n, t in bucket})
         if self.spec.rank == 0:
             from transformers import AutoTokenizer
 

@@ -16,7 +16,7 @@ from rayrlhf.algorithms.kl import kl_loss_term
 from rayrlhf.algorithms.losses import entropy_bonus, ppo_policy_loss
 from rayrlhf.algorithms.masked import masked_mean
 from rayrlhf.cluster.collective import new_group
-from rayrlhf.cluster.weight_sync import Fingerprint, ParamMeta, plan_buckets, send_broadcast
+from rayrlhf.cluster.weight_sync import Fingerprint, ParamMeta, send_broadcast, to_wire
 from rayrlhf.config import AlgorithmConfig
 from rayrlhf.models.forward import response_logprobs
 from rayrlhf.types import (
@@ -133,22 +133,31 @@ class PolicyWorker(DeepSpeedRole):
 
     # ---- weight sync -------------------------------------------------------------------------
 
-    def weights_to_store(self, bucket_mb: float) -> tuple[list, SyncResult] | None:
-        """Object-store transport: gather buckets, `ray.put` each from rank 0. Collective."""
-        refs, fp, n = [], Fingerprint(), 0
-        for bucket in self.gathered_buckets(int(bucket_mb * 2**20)):
-            if self.spec.rank == 0:
-                for name, t in bucket:
-                    fp.update(name, t)
-                refs.append(ray.put(bucket))
-                n += 1
-        if self.spec.rank != 0:
-            return None
-        return refs, SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, n)
+    def num_buckets(self, bucket_mb: float) -> int:
+        return len(self.bucket_plan(int(bucket_mb * 2**20)))
+
+    def put_bucket(self, index: int, bucket_mb: float) -> list | None:
+        """Object-store transport: gather bucket `index` (collective); rank 0 hashes it and
+        `ray.put`s it straight from the gathered buffers. Returns [ref] on rank 0 (in a list,
+        so that an engine given this call's result receives the ref, not the tensors)."""
+        if index == 0:
+            self._sent, self._sent_buckets = Fingerprint(), 0
+        with self.gathered(self.bucket_plan(int(bucket_mb * 2**20))[index]) as bucket:
+            if self.spec.rank != 0:
+                return None
+            for name, t in bucket:
+                self._sent.update(name, t)
+            self._sent_buckets += 1
+            return [ray.put(to_wire(bucket))]
+
+    def sync_result(self) -> SyncResult:
+        """Rank 0: what the `put_bucket` calls since index 0 sent."""
+        fp = self._sent
+        return SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, self._sent_buckets)
 
     def sync_plan(self, bucket_mb: float) -> list[list[ParamMeta]]:
         """The bucket plan both ends of a broadcast sync follow."""
-        return plan_buckets(self.param_metas(), int(bucket_mb * 2**20))
+        return self.bucket_plan(int(bucket_mb * 2**20))
 
     def init_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
         """Broadcast transport, rank 0 only: join the sync group as its rank 0."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from rayrlhf.cluster.weight_sync import ParamMeta
 from rayrlhf.config import RolloutConfig
-from rayrlhf.types import timed
+from rayrlhf.types import SyncResult, timed
 
 EXTENSION = "rayrlhf.workers.vllm_extension.WeightSyncExtension"
 
@@ -86,9 +86,15 @@ class RolloutEngine:
             samples.append(Sample(list(p), ids, lps, o.text, self.index))
         return samples
 
-    def load_weights_from_store(self, refs: list, expected: str | None) -> list[str]:
-        """Object-store transport: pull the buckets in `refs`; one fingerprint per vLLM worker."""
-        return self.llm.collective_rpc("rr_load_from_store", args=(refs, expected))
+    def load_bucket(self, wire_ref: list, index: int) -> None:
+        """Object-store transport: load one bucket; Ray starts this call once the trainer's
+        `put_bucket` that produced `wire_ref` has finished."""
+        self.llm.collective_rpc("rr_load_bucket", args=(wire_ref, index))
+
+    def finish_load(self, sent: SyncResult, verify: bool) -> list[str]:
+        """Object-store transport: end the sync; one fingerprint per vLLM worker."""
+        expected = sent.fingerprint if verify else None
+        return self.llm.collective_rpc("rr_finish_load", args=(expected,))
 
     def num_workers(self) -> int:
         """vLLM workers in this engine (= tensor-parallel size): members of a sync group."""

@@ -1,15 +1,25 @@
 """Methods mixed into each vLLM worker (`worker_extension_cls`), called via `collective_rpc`.
 
 They run where the model lives (the engine's worker process, or the engine actor itself when
-VLLM_ENABLE_V1_MULTIPROCESSING=0), so tensors go straight into `reload_weights` without copies
-through the engine. A whole sync is one `reload_weights` call fed by a lazy iterator, because
-vLLM's layerwise reload expects every weight of a layer within one call.
+VLLM_ENABLE_V1_MULTIPROCESSING=0), so tensors go straight into the model without copies through
+the engine.
+
+Loading uses vLLM's layerwise reload: it buffers each layer's weights until the layer is
+complete, then runs the layer's weight processing (on CPU, repacking for the GEMM kernels) and
+copies the result into the live tensors. A session spans many `load_weights` calls, so buckets
+can arrive one RPC at a time while the trainer is still gathering the next ones.
 """
 
 from __future__ import annotations
 
+import logging
+
 import ray
 import torch
+from vllm.model_executor.model_loader.reload import (
+    finalize_layerwise_reload,
+    initialize_layerwise_reload,
+)
 
 from rayrlhf.cluster.collective import new_group
 from rayrlhf.cluster.weight_sync import (
@@ -17,26 +27,43 @@ from rayrlhf.cluster.weight_sync import (
     ParamMeta,
     check_fingerprint,
     fingerprinted,
+    from_wire,
     receive_broadcast,
     receive_digest,
 )
 
 
+class _NoRotaryWarning(logging.Filter):
+    """vLLM warns "RotaryEmbedding: Failed to load weights" on every reload: its cos/sin cache
+    is a buffer that no checkpoint holds. The fingerprint check is what proves a sync complete;
+    a warning per step that means nothing would teach users to ignore the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.args and record.args[0] == "RotaryEmbedding")
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_NoRotaryWarning())
+
+
 class WeightSyncExtension:
     """Receives weights from the trainer and verifies them."""
 
-    def rr_load_from_store(self, refs: list, expected: str | None) -> str:
-        """Load buckets that the trainer put in the Ray object store; return the fingerprint."""
-        fp = Fingerprint()
+    def rr_load_bucket(self, wire_ref: list, index: int) -> None:
+        """Object store: load one bucket (`[ref]` from the trainer); index 0 opens a session."""
+        model = self.model_runner.get_model()
+        if index == 0:
+            self._rr_received = Fingerprint()
+            initialize_layerwise_reload(model)
+        named = from_wire(ray.get(wire_ref[0]))
+        model.load_weights(fingerprinted(named, self._rr_received))
 
-        def named():
-            for ref in refs:
-                yield from ray.get(ref)
-
-        self.model_runner.reload_weights(weights_iterator=fingerprinted(named(), fp))
+    def rr_finish_load(self, expected: str | None) -> str:
+        """Object store: close the session (process what is left, e.g. attention layers) and
+        compare what was loaded with what the trainer sent."""
+        finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
         if expected is not None:
-            check_fingerprint(expected, fp, f"vLLM worker rank {self.rank}")
-        return fp.hexdigest()
+            check_fingerprint(expected, self._rr_received, f"vLLM worker rank {self.rank}")
+        return self._rr_received.hexdigest()
 
     def rr_init_group(
         self,

@@ -1,6 +1,7 @@
 import queue
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -13,10 +14,12 @@ from rayrlhf.cluster.weight_sync import (
     check_fingerprint,
     fingerprinted,
     flatten_bucket,
+    from_wire,
     plan_buckets,
     receive_broadcast,
     receive_digest,
     send_broadcast,
+    to_wire,
     unflatten_bucket,
 )
 
@@ -109,6 +112,17 @@ def test_fingerprint_changes_with_one_ulp():
     assert w[2, 1] != a[0][1][2, 1] and torch.allclose(w, a[0][1], rtol=1e-6, atol=0)
     b = [("w1", w)] + a[1:]
     assert _fp(a).hexdigest() != _fp(b).hexdigest()
+
+
+def test_fingerprint_changes_when_elements_swap_or_a_row_is_stale():
+    a = _tensors()
+    base = _fp(a).hexdigest()
+    swapped = a[0][1].clone()
+    swapped[0, 0], swapped[1, 2] = a[0][1][1, 2], a[0][1][0, 0]  # same values, other places
+    assert _fp([("w1", swapped)] + a[1:]).hexdigest() != base
+    stale = a[0][1].clone()
+    stale[1] = 0.0  # a shard that never arrived
+    assert _fp([("w1", stale)] + a[1:]).hexdigest() != base
 
 
 def test_fingerprint_changes_with_names_order_dtype_and_shape():
@@ -281,3 +295,21 @@ def test_broadcast_sync_three_processes():
         assert digest == expected, f"rank {rank}: digest"
         assert received_fp == expected, f"rank {rank}: fingerprint of received tensors"
         assert raw == _raw(sent), f"rank {rank}: tensors not bit-identical"
+
+
+def test_wire_format_round_trips_bytes_dtypes_and_shapes():
+    bucket = [
+        ("w", torch.randn(3, 4)),
+        ("b16", torch.randn(5).to(torch.bfloat16)),  # numpy has no bfloat16: sent as raw bytes
+        ("scalar", torch.tensor(2.5)),
+    ]
+    wire = to_wire(bucket)
+    assert all(raw.dtype == np.uint8 for *_, raw in wire)
+    back = from_wire(wire)
+    sent, got = Fingerprint(), Fingerprint()
+    for (n0, t0), (n1, t1) in zip(bucket, back):
+        assert n0 == n1 and t0.dtype == t1.dtype and t0.shape == t1.shape
+        assert torch.equal(t0, t1)
+        sent.update(n0, t0)
+        got.update(n1, t1)
+    assert sent.hexdigest() == got.hexdigest()

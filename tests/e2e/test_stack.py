@@ -113,28 +113,42 @@ def test_broadcast_sync_fingerprints_match(stack):
         assert engine_fps == [trainer_fp]
 
 
-def test_object_store_sync_fingerprints_match(stack):
-    cfg, roles, _ = stack
-    refs, sent = ray.get([p.weights_to_store.remote(cfg.sync.bucket_mb) for p in roles.policy])[0]
-    engine_fps = ray.get(
-        [e.load_weights_from_store.remote(refs, sent.fingerprint) for e in roles.engines]
-    )
-    assert engine_fps == [[sent.fingerprint]] * len(roles.engines)
+@pytest.mark.parametrize("max_in_flight", [0, 2])
+def test_object_store_sync_streams_verified_weights(stack, max_in_flight):
+    cfg, roles, tok = stack
+    sent = roles.sync_through_store(cfg.sync.bucket_mb, max_in_flight)
+    trainer_fp = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
+    assert sent.num_buckets > 1 and sent.fingerprint == trainer_fp
+    # The engines loaded what the trainer holds: their sampling logprobs are the trainer's.
+    rollout = _rollout(roles, tok, seed=5)
+    mask = rollout.action_mask.bool()
+    diff = (rollout.engine_logprobs - roles.score(rollout).old_logprobs).abs()[mask]
+    assert diff.max().item() < LOGPROB_TOL
+
+
+def _put_all(roles, bucket_mb):
+    n = ray.get(roles.policy[0].num_buckets.remote(bucket_mb))
+    puts = [[p.put_bucket.remote(k, bucket_mb) for p in roles.policy] for k in range(n)]
+    wires = [ray.get(refs)[0] for refs in puts]
+    return wires, ray.get(roles.policy[0].sync_result.remote())
 
 
 def test_corrupted_sync_is_detected(stack):
     cfg, roles, _ = stack
-    refs, sent = ray.get([p.weights_to_store.remote(cfg.sync.bucket_mb) for p in roles.policy])[0]
-    bucket = ray.get(refs[0])
-    name, tensor = bucket[0]
-    bad = tensor.clone()
-    bad.view(-1)[0] += 1e-3  # one element, slightly off: the silent kind of corruption
-    corrupted = [ray.put([(name, bad), *bucket[1:]]), *refs[1:]]
+    engine = roles.engines[0]
+    wires, sent = _put_all(roles, cfg.sync.bucket_mb)
+    bucket = ray.get(wires[0][0])
+    name, dtype, shape, raw = bucket[0]
+    bad = raw.copy()
+    bad.view("float32")[0] += 1e-3  # one element, slightly off: the silent kind of corruption
+    corrupted = [[ray.put([(name, dtype, shape, bad), *bucket[1:]])], *wires[1:]]
+    ray.get([engine.load_bucket.remote(w, k) for k, w in enumerate(corrupted)])
     with pytest.raises(ray.exceptions.RayTaskError) as err:
-        ray.get(roles.engines[0].load_weights_from_store.remote(corrupted, sent.fingerprint))
+        ray.get(engine.finish_load.remote(sent, True))
     assert isinstance(err.value.cause, WeightSyncError) or "fingerprint mismatch" in str(err.value)
     # Restore the right weights for the tests below.
-    ray.get(roles.engines[0].load_weights_from_store.remote(refs, sent.fingerprint))
+    ray.get([engine.load_bucket.remote(w, k) for k, w in enumerate(wires)])
+    assert ray.get(engine.finish_load.remote(sent, True)) == [sent.fingerprint]
 
 
 def test_greedy_vllm_equals_hf_after_sync(stack, tmp_path):
