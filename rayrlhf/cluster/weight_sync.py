@@ -3,7 +3,8 @@
 Flow of one sync:
     trainer ranks gather ZeRO-3 shards one bucket at a time (many parameters per collective);
     rank 0 hands each full bucket to the transport and hashes it into a fingerprint;
-    each engine streams the buckets into vLLM's `reload_weights` and hashes what it loaded;
+    each engine loads the buckets as they arrive, in one vLLM layerwise-reload session, and
+    fingerprints what it loaded;
     the engine compares the two fingerprints and raises `WeightSyncError` if they differ.
 
 Transports:
