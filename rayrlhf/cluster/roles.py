@@ -232,7 +232,9 @@ class Roles:
             crt += [o.value for o in out[len(p) :]]
         return mean_stats(pol), mean_stats(crt) if crt else TrainStats(loss=0.0)
 
-    def sync_weights(self, bucket_mb: float | None = None, max_in_flight: int | None = None):
+    def sync_weights(
+        self, bucket_mb: float | None = None, max_in_flight: int | None = None
+    ) -> SyncResult:
         """Push the policy's new weights into every engine and verify them there.
 
         `bucket_mb` and `max_in_flight` override the config (the benchmark's per-parameter
