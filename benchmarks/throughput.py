@@ -11,10 +11,10 @@ Definitions:
     tokens_per_sec_per_device  total tokens / (step seconds x devices); a device is one actor's
                                GPU share, or its CPU bundle on a CPU-only machine
     orchestration_overhead     1 - (per phase, the busiest role's compute seconds) / step seconds
---sync-compare times the bucketed, streamed sync against peers' per-parameter sync (one
-parameter, one RPC per engine, one wait at a time) and against a streamed per-parameter sync, on
-the same actors, and the machine's memory-copy bandwidth measured in the same process: the
-physical limit here.
+--sync-compare times the bucketed, streamed sync against peers' per-parameter sync (rank 0
+gathers one parameter and sends it, one RPC per engine, one wait at a time) and against two
+ablations, on the same actors, and the machine's memory-copy bandwidth measured in the same
+process: the physical limit here.
 """
 
 from __future__ import annotations
@@ -138,14 +138,15 @@ def memcpy_gb_per_sec(nbytes: int, reps: int = 5) -> float:
 
 
 SYNC_MODES = {
-    # name: (bucket MiB or None for the config's, max_in_flight or None for the config's)
-    "bucketed": (None, None),
-    # Peers' per-parameter sync: gather one parameter, send it, one RPC per engine to load it,
-    # wait for the load, next parameter.
-    "per_parameter": (1e-9, 0),
-    # One parameter per bucket but streamed like the bucketed sync: isolates what bucketing
-    # alone buys from what overlapping gather and load buys.
-    "per_parameter_streamed": (1e-9, None),
+    # name: (bucket MiB or None for the config's, max_in_flight or None for the config's, gather)
+    "bucketed": (None, None, False),
+    # Peers' per-parameter sync: rank 0 gathers one parameter and sends it, one RPC per engine
+    # to load it, a wait for the load, next parameter.
+    "per_parameter": (1e-9, 0, True),
+    # Ablations, each one change away from "bucketed": one parameter per bucket (what bucketing
+    # buys), and rank 0 gathering and sending every bucket (what sending partitions buys).
+    "per_parameter_streamed": (1e-9, None, False),
+    "bucketed_gathered": (None, None, True),
 }
 
 
@@ -154,14 +155,15 @@ def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
     roles = Roles(cfg)
     try:
         roles.sync_weights()  # warm-up: first gathers, first reload
-        timings = {}
-        for name, (mb, ahead) in SYNC_MODES.items():
+        timings, digests = {}, set()
+        for name, (mb, ahead, gather) in SYNC_MODES.items():
             seconds = []
             for _ in range(reps):
                 start = time.perf_counter()
-                result = roles.sync_weights(bucket_mb=mb, max_in_flight=ahead)
+                result = roles.sync_weights(mb, ahead, gather)
                 seconds.append(time.perf_counter() - start)
             timings[name] = {"seconds": statistics.median(seconds), "buckets": result.num_buckets}
+            digests.add(result.fingerprint)
     finally:
         roles.shutdown()
     nbytes = result.num_bytes
@@ -172,6 +174,7 @@ def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
         "bucket_mb": cfg.sync.bucket_mb,
         "max_in_flight": cfg.sync.max_in_flight,
         **timings,
+        "same_weights_in_every_mode": len(digests) == 1,
         "speedup": timings["per_parameter"]["seconds"] / bucketed,
         "speedup_vs_streamed_per_parameter": timings["per_parameter_streamed"]["seconds"]
         / bucketed,

@@ -233,38 +233,45 @@ class Roles:
         return mean_stats(pol), mean_stats(crt) if crt else TrainStats(loss=0.0)
 
     def sync_weights(
-        self, bucket_mb: float | None = None, max_in_flight: int | None = None
+        self,
+        bucket_mb: float | None = None,
+        max_in_flight: int | None = None,
+        gather: bool = False,
     ) -> SyncResult:
         """Push the policy's new weights into every engine and verify them there.
 
-        `bucket_mb` and `max_in_flight` override the config (the benchmark's per-parameter
-        baseline); the broadcast transport's bucket plan is fixed at start-up.
+        `bucket_mb`, `max_in_flight` and `gather` are for the benchmark's baselines (see
+        `sync_through_store`); the broadcast transport's bucket plan is fixed at start-up.
         """
         sync = self.cfg.sync
         mb = bucket_mb or sync.bucket_mb
         if sync.transport == "object_store":
             ahead = sync.max_in_flight if max_in_flight is None else max_in_flight
-            return self.sync_through_store(mb, ahead)
+            return self.sync_through_store(mb, ahead, gather)
         calls = [a.broadcast_weights.remote(mb) for a in self.policy]
         calls += [e.receive_weights.remote(sync.verify) for e in self.engines]
         return self.get(calls, "sync")[0]
 
-    def sync_through_store(self, bucket_mb: float, max_in_flight: int) -> SyncResult:
-        """Stream buckets: every engine loads bucket k as soon as rank 0 has put it, while the
-        ranks gather k+1; at most `max_in_flight` buckets run ahead of the engines' loads
-        (0 is the one-at-a-time round trip of peers' per-parameter sync)."""
+    def sync_through_store(
+        self, bucket_mb: float, max_in_flight: int, gather: bool = False
+    ) -> SyncResult:
+        """Stream buckets: every rank puts its partition of bucket k and every engine loads it as
+        soon as the pieces are there, while the ranks put k+1; at most `max_in_flight` buckets
+        run ahead of the engines' loads. Peers' per-parameter sync is one parameter per bucket,
+        `max_in_flight` 0 and `gather` (rank 0 gathers and sends each parameter)."""
         if bucket_mb not in self._num_buckets:
             n = self.get(self.policy[0].num_buckets.remote(bucket_mb), "sync")
             self._num_buckets[bucket_mb] = n
         pending: deque[list] = deque()
         for k in range(self._num_buckets[bucket_mb]):
-            put = [a.put_bucket.remote(k, bucket_mb) for a in self.policy]
-            pending.append(put[1:] + [e.load_bucket.remote(put[0], k) for e in self.engines])
+            put = [a.put_bucket.remote(k, bucket_mb, gather) for a in self.policy]
+            pending.append(put + [e.load_bucket.remote(k, *put) for e in self.engines])
             while len(pending) > max_in_flight:
                 self.get(pending.popleft(), "sync")
         for refs in pending:
             self.get(refs, "sync")
-        sent = self.policy[0].sync_result.remote()
+        rank0, others = self.policy[0], self.policy[1:]
+        sent = rank0.sync_result.remote(*[a.sent_records.remote() for a in others])
         self.get([e.finish_load.remote(sent, self.cfg.sync.verify) for e in self.engines], "sync")
         return self.get(sent, "sync")
 

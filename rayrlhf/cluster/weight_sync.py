@@ -1,21 +1,24 @@
 """Weight sync from trainer rank 0 to the vLLM engines: bucket plan, fingerprint, transports.
 
-Flow of one sync:
-    trainer ranks gather ZeRO-3 shards one bucket at a time (many parameters per collective);
-    rank 0 hands each full bucket to the transport and hashes it into a fingerprint;
+Flow of one sync, a bucket (many parameters) at a time:
+    the trainer ranks hand the bucket's weights to the transport and hash what they send;
     each engine loads the buckets as they arrive, in one vLLM layerwise-reload session, and
     fingerprints what it loaded;
     the engine compares the two fingerprints and raises `WeightSyncError` if they differ.
 
 Transports:
-    object_store: rank 0 `ray.put`s each bucket while it is gathered; every engine loads it as
-        soon as it is there, so gathering bucket k+1 overlaps loading bucket k. The driver keeps
-        at most `max_in_flight` buckets ahead of the engines, which bounds object-store memory.
-        Works across nodes; the CPU default. Buckets travel as raw-byte numpy views (`to_wire`):
-        Ray stores numpy arrays out of band, one copy in and none out, where torch tensors are
-        pickled (measured on the 100M model: put 2.4x slower, and a full copy on get).
-    broadcast: one torch.distributed group of rank 0 + every engine worker; a bucket is one
-        flat tensor broadcast. gloo on CPU, NCCL on GPU: the same code.
+    object_store: every rank `ray.put`s its own ZeRO-3 partition of the bucket, with no
+        collective, and every engine joins the pieces (`assemble`) and loads them as soon as they
+        are there, so putting bucket k+1 overlaps loading bucket k. Each rank moves 1/N of the
+        bytes, in parallel, and nothing is gathered: on the 100M CPU model the gloo all-gather
+        alone cost as much as the engines' load. The driver keeps at most `max_in_flight`
+        buckets ahead of the engines, which bounds object-store memory. Works across nodes; the
+        CPU default. Pieces travel as raw-byte numpy views (`to_wire`): Ray stores numpy arrays
+        out of band, one copy in and none out, where torch tensors are pickled (measured on the
+        100M model: put 2.4x slower, and a full copy on get).
+    broadcast: one torch.distributed group of rank 0 + every engine worker; rank 0 gathers a
+        bucket (collective) and broadcasts it as one flat tensor. gloo on CPU, NCCL on GPU: the
+        same code.
 """
 
 from __future__ import annotations
@@ -71,9 +74,69 @@ def plan_buckets(params: Iterable[ParamMeta], bucket_bytes: int) -> list[list[Pa
     return buckets
 
 
+def piece_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) element range of each of `parts` pieces of a flat tensor: ZeRO-3's layout, where
+    rank r holds elements [r*s, (r+1)*s) with s = ceil(numel / parts) (the last may be short or
+    empty; DeepSpeed pads its copy)."""
+    size = -(-numel // parts)
+    return [(min(r * size, numel), min((r + 1) * size, numel)) for r in range(parts)]
+
+
+def crc32(tensor: Tensor) -> int:
+    """CRC-32 of a tensor's raw bytes, read in place."""
+    t = tensor.detach().contiguous().cpu()
+    return zlib.crc32(memoryview(t.reshape(-1).view(torch.uint8).numpy())) if t.numel() else 0
+
+
+_CRC_POLY = 0xEDB88320  # CRC-32 (zlib's), bit-reflected
+
+
+def _mulmod(a: int, b: int) -> int:
+    """a * b modulo the CRC polynomial, both in the reflected representation (bit 31 = x^0)."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return product
+
+
+def _powers_of_x() -> list[int]:
+    """x^(2^k) mod P for k = 0..63, by repeated squaring."""
+    out = [1 << 30]  # x^1
+    for _ in range(63):
+        out.append(_mulmod(out[-1], out[-1]))
+    return out
+
+
+_X_POW2 = _powers_of_x()
+
+
+def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC-32 of A + B from crc(A), crc(B) and len(B) in bytes, without the data.
+
+    Appending B shifts A's remainder by 8*len(B) bit positions: multiply it by x^(8*len(B)) mod
+    P (a product of the x^(2^k) for the set bits of the shift), then add crc(B). zlib has this
+    as crc32_combine, but Python's zlib does not expose it.
+    """
+    shift, n, k = 1 << 31, 8 * len_b, 0  # x^0
+    while n:
+        if n & 1:
+            shift = _mulmod(_X_POW2[k], shift)
+        n, k = n >> 1, k + 1
+    return _mulmod(shift, crc_a) ^ crc_b
+
+
+PieceRecord = tuple[str, str, tuple[int, ...], int, int]
+"""What a rank sent of one tensor: (name, dtype, full shape, CRC-32 of its piece, piece bytes)."""
+
+
 class Fingerprint:
     """Order-sensitive digest of a weight stream: SHA-256 over one record per tensor, (name,
-    dtype, shape, CRC-32 of its raw bytes).
+    dtype, shape, CRC-32 of its raw bytes). Ranks that each send a piece of a tensor hash only
+    their piece; `combine` joins the CRCs, so the digest does not depend on who sent what.
 
     CRC-32 for the bytes because it is what the check needs at 2.3x the speed: it catches every
     error burst up to 32 bits and any other corruption but one in 2^32, and zlib computes it at
@@ -87,11 +150,28 @@ class Fingerprint:
         self.num_tensors = 0
 
     def update(self, name: str, tensor: Tensor) -> None:
-        t = tensor.detach().contiguous().cpu()
-        crc = zlib.crc32(memoryview(t.reshape(-1).view(torch.uint8).numpy())) if t.numel() else 0
-        self._h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{crc:08x};".encode())
-        self.num_bytes += t.numel() * t.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
+        self._add(name, str(tensor.dtype), tuple(tensor.shape), crc32(tensor), nbytes)
+
+    def _add(self, name: str, dtype: str, shape: tuple[int, ...], crc: int, nbytes: int) -> None:
+        self._h.update(f"{name}|{dtype}|{shape}|{crc:08x};".encode())
+        self.num_bytes += nbytes
         self.num_tensors += 1
+
+    @classmethod
+    def combine(cls, ranks: list[list[PieceRecord]]) -> Fingerprint:
+        """The fingerprint of the full tensors whose pieces the ranks sent, in rank order
+        (ranks that sent nothing are skipped; a rank that sent whole tensors is one piece)."""
+        fp = cls()
+        for pieces in zip(*(r for r in ranks if r), strict=True):
+            name, dtype, shape, crc, nbytes = pieces[0]
+            for other in pieces[1:]:
+                if other[:3] != (name, dtype, shape):
+                    raise WeightSyncError(f"ranks sent different tensors: {other[:3]} vs {name}")
+                crc = crc32_combine(crc, other[3], other[4])
+                nbytes += other[4]
+            fp._add(name, dtype, shape, crc, nbytes)
+        return fp
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -124,27 +204,36 @@ def unflatten_bucket(flat: Tensor, metas: list[ParamMeta]) -> list[tuple[str, Te
 
 
 WireBucket = list[tuple[str, str, tuple[int, ...], np.ndarray]]
+"""(name, dtype, full shape, uint8 bytes of the tensor or of one rank's piece of it)."""
 
 
-def to_wire(bucket: list[tuple[str, Tensor]]) -> WireBucket:
+def to_wire(
+    bucket: list[tuple[str, Tensor]], shapes: list[tuple[int, ...]] | None = None
+) -> WireBucket:
     """(name, dtype, shape, uint8 view) per tensor, no copy for CPU tensors. Raw bytes, because
-    numpy has no bfloat16."""
+    numpy has no bfloat16. `shapes` gives the full shapes when the tensors are flat pieces."""
     out = []
-    for name, t in bucket:
+    for i, (name, t) in enumerate(bucket):
         t = t.detach().contiguous().cpu()
         raw = t.reshape(-1).view(torch.uint8).numpy()
-        out.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), raw))
+        shape = shapes[i] if shapes else tuple(t.shape)
+        out.append((name, str(t.dtype).removeprefix("torch."), shape, raw))
     return out
 
 
-def from_wire(wire: WireBucket) -> list[tuple[str, Tensor]]:
-    """Tensors over the (read-only, object-store backed) buffers of a `to_wire` bucket."""
+def assemble(wires: list[WireBucket]) -> list[tuple[str, Tensor]]:
+    """Full tensors from the pieces of one bucket, one wire per sending rank in rank order (a
+    single wire holds whole tensors and is read in place, over the read-only object-store
+    buffers). Pieces are joined in rank order: ZeRO-3's partition layout (`piece_bounds`)."""
+    out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
-        return [
-            (name, torch.from_numpy(raw).view(getattr(torch, dtype)).view(shape))
-            for name, dtype, shape, raw in wire
-        ]
+        for pieces in zip(*wires, strict=True):
+            name, dtype, shape, _ = pieces[0]
+            raws = [torch.from_numpy(p[3]) for p in pieces]
+            flat = raws[0] if len(raws) == 1 else torch.cat(raws)
+            out.append((name, flat.view(getattr(torch, dtype)).view(shape)))
+    return out
 
 
 def send_broadcast(

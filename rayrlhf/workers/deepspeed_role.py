@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rayrlhf.cluster.weight_sync import ParamMeta, plan_buckets
+from rayrlhf.cluster.weight_sync import ParamMeta, piece_bounds, plan_buckets
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,23 @@ class DeepSpeedRole:
         params = [named[m.name] for m in metas]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield [(m.name, p.data) for m, p in zip(metas, params)] if self.spec.rank == 0 else []
+
+    def local_pieces(self, metas: list[ParamMeta]) -> list[tuple[str, Tensor]]:
+        """This rank's ZeRO-3 partition of each parameter in `metas`, padding cut off: piece
+        `rank` of `piece_bounds(numel, world_size)`, a view, no collective."""
+        named = dict(self.module.named_parameters())
+        rank, world = self.spec.rank, self.spec.world_size
+        out = []
+        for m in metas:
+            lo, hi = piece_bounds(m.numel, world)[rank]
+            part = named[m.name].ds_tensor.detach()
+            if part.numel() != -(-m.numel // world):  # e.g. hpZ or MiCS partitioning
+                raise RuntimeError(
+                    f"{m.name}: rank {rank} holds {part.numel()} of {m.numel} elements, not the "
+                    f"ZeRO-3 layout of {world} equal pieces that weight sync reads"
+                )
+            out.append((m.name, part[: hi - lo]))
+        return out
 
     def gathered_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
         """Yield full parameters a bucket at a time (see `gathered`: each bucket's tensors are

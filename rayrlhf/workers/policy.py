@@ -16,7 +16,14 @@ from rayrlhf.algorithms.kl import kl_loss_term
 from rayrlhf.algorithms.losses import entropy_bonus, ppo_policy_loss
 from rayrlhf.algorithms.masked import masked_mean
 from rayrlhf.cluster.collective import new_group
-from rayrlhf.cluster.weight_sync import Fingerprint, ParamMeta, send_broadcast, to_wire
+from rayrlhf.cluster.weight_sync import (
+    Fingerprint,
+    ParamMeta,
+    PieceRecord,
+    crc32,
+    send_broadcast,
+    to_wire,
+)
 from rayrlhf.config import AlgorithmConfig
 from rayrlhf.models.forward import response_logprobs
 from rayrlhf.types import (
@@ -136,23 +143,37 @@ class PolicyWorker(DeepSpeedRole):
     def num_buckets(self, bucket_mb: float) -> int:
         return len(self.bucket_plan(int(bucket_mb * 2**20)))
 
-    def put_bucket(self, index: int, bucket_mb: float) -> list | None:
-        """Object-store transport: gather bucket `index` (collective); rank 0 hashes it and
-        `ray.put`s it straight from the gathered buffers. Returns [ref] on rank 0 (in a list,
-        so that an engine given this call's result receives the ref, not the tensors)."""
+    def put_bucket(self, index: int, bucket_mb: float, gather: bool = False) -> list | None:
+        """Object-store transport, every rank: CRC and `ray.put` this rank's ZeRO-3 partition
+        of bucket `index`, straight from DeepSpeed's buffer (no collective, no copy); engines
+        join the ranks' pieces. `gather` is peers' way, kept as the benchmark's baseline: gather
+        the full parameters (collective) and rank 0 alone puts them. Returns [ref] (in a list,
+        so that an engine given this call's result receives the ref, not the tensors), or None
+        on a rank that put nothing."""
+        metas = self.bucket_plan(int(bucket_mb * 2**20))[index]
         if index == 0:
-            self._sent, self._sent_buckets = Fingerprint(), 0
-        with self.gathered(self.bucket_plan(int(bucket_mb * 2**20))[index]) as bucket:
-            if self.spec.rank != 0:
-                return None
-            for name, t in bucket:
-                self._sent.update(name, t)
-            self._sent_buckets += 1
-            return [ray.put(to_wire(bucket))]
+            self._sent: list[PieceRecord] = []
+            self._sent_buckets = 0
+        if not gather:
+            return self._put(self.local_pieces(metas), metas)
+        with self.gathered(metas) as bucket:
+            return self._put(bucket, metas)
 
-    def sync_result(self) -> SyncResult:
-        """Rank 0: what the `put_bucket` calls since index 0 sent."""
-        fp = self._sent
+    def _put(self, pieces: list[tuple[str, torch.Tensor]], metas: list[ParamMeta]) -> list | None:
+        if not pieces:
+            return None
+        for (name, t), m in zip(pieces, metas):
+            self._sent.append((name, str(m.dtype), m.shape, crc32(t), t.numel() * t.element_size()))
+        self._sent_buckets += 1
+        return [ray.put(to_wire(pieces, [m.shape for m in metas]))]
+
+    def sent_records(self) -> list[PieceRecord]:
+        """What this rank's `put_bucket` calls since index 0 sent."""
+        return self._sent
+
+    def sync_result(self, *other_ranks: list[PieceRecord]) -> SyncResult:
+        """Rank 0, given the other ranks' `sent_records`: what the sync sent, as a whole."""
+        fp = Fingerprint.combine([self._sent, *other_ranks])
         return SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, self._sent_buckets)
 
     def sync_plan(self, bucket_mb: float) -> list[list[ParamMeta]]:

@@ -86,10 +86,11 @@ class RolloutEngine:
             samples.append(Sample(list(p), ids, lps, o.text, self.index))
         return samples
 
-    def load_bucket(self, wire_ref: list, index: int) -> None:
-        """Object-store transport: load one bucket; Ray starts this call once the trainer's
-        `put_bucket` that produced `wire_ref` has finished."""
-        self.llm.collective_rpc("rr_load_bucket", args=(wire_ref, index))
+    def load_bucket(self, index: int, *wire_refs: list | None) -> None:
+        """Object-store transport: load bucket `index` from the pieces the trainer ranks put
+        (their `put_bucket` results, in rank order); Ray starts this call once they are all
+        there."""
+        self.llm.collective_rpc("rr_load_bucket", args=(index, wire_refs))
 
     def finish_load(self, sent: SyncResult, verify: bool) -> list[str]:
         """Object-store transport: end the sync; one fingerprint per vLLM worker."""

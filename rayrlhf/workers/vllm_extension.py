@@ -25,9 +25,9 @@ from rayrlhf.cluster.collective import new_group
 from rayrlhf.cluster.weight_sync import (
     Fingerprint,
     ParamMeta,
+    assemble,
     check_fingerprint,
     fingerprinted,
-    from_wire,
     receive_broadcast,
     receive_digest,
 )
@@ -48,13 +48,14 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter
 class WeightSyncExtension:
     """Receives weights from the trainer and verifies them."""
 
-    def rr_load_bucket(self, wire_ref: list, index: int) -> None:
-        """Object store: load one bucket (`[ref]` from the trainer); index 0 opens a session."""
+    def rr_load_bucket(self, index: int, wire_refs: tuple[list | None, ...]) -> None:
+        """Object store: load one bucket from the ranks' pieces (`[ref]` or None per trainer
+        rank); index 0 opens a session. What is hashed is what is loaded: the joined tensors."""
         model = self.model_runner.get_model()
         if index == 0:
             self._rr_received = Fingerprint()
             initialize_layerwise_reload(model)
-        named = from_wire(ray.get(wire_ref[0]))
+        named = assemble(ray.get([r[0] for r in wire_refs if r]))
         model.load_weights(fingerprinted(named, self._rr_received))
 
     def rr_finish_load(self, expected: str | None) -> str:

@@ -1,5 +1,6 @@
 import queue
 import traceback
+import zlib
 
 import numpy as np
 import pytest
@@ -11,10 +12,13 @@ from rayrlhf.cluster.weight_sync import (
     Fingerprint,
     ParamMeta,
     WeightSyncError,
+    assemble,
     check_fingerprint,
+    crc32,
+    crc32_combine,
     fingerprinted,
     flatten_bucket,
-    from_wire,
+    piece_bounds,
     plan_buckets,
     receive_broadcast,
     receive_digest,
@@ -305,7 +309,7 @@ def test_wire_format_round_trips_bytes_dtypes_and_shapes():
     ]
     wire = to_wire(bucket)
     assert all(raw.dtype == np.uint8 for *_, raw in wire)
-    back = from_wire(wire)
+    back = assemble([wire])
     sent, got = Fingerprint(), Fingerprint()
     for (n0, t0), (n1, t1) in zip(bucket, back):
         assert n0 == n1 and t0.dtype == t1.dtype and t0.shape == t1.shape
@@ -313,3 +317,85 @@ def test_wire_format_round_trips_bytes_dtypes_and_shapes():
         sent.update(n0, t0)
         got.update(n1, t1)
     assert sent.hexdigest() == got.hexdigest()
+
+
+# ---- sharded object-store sync: pieces, CRC combine, assemble ------------------------------------
+
+
+@pytest.mark.parametrize("numel,parts", [(10, 2), (7, 2), (5, 4), (1, 3), (0, 2), (12, 3)])
+def test_piece_bounds_tile_the_tensor_in_zero3_layout(numel, parts):
+    bounds = piece_bounds(numel, parts)
+    size = -(-numel // parts)
+    assert len(bounds) == parts
+    assert [lo for lo, _ in bounds] == [min(r * size, numel) for r in range(parts)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == numel
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, no overlap
+    assert all(hi - lo <= size for lo, hi in bounds)
+
+
+@pytest.mark.parametrize("len_a,len_b", [(0, 0), (0, 9), (9, 0), (1, 1), (1000, 37), (5, 70001)])
+def test_crc32_combine_equals_zlib_on_the_concatenation(len_a, len_b):
+    rng = np.random.default_rng(len_a * 7 + len_b)
+    a, b = rng.bytes(len_a), rng.bytes(len_b)
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len_b) == zlib.crc32(a + b)
+
+
+def _pieces(tensors, parts):
+    """What each of `parts` ranks would send: its ZeRO-3 piece of every tensor."""
+    ranks = []
+    for r in range(parts):
+        sent = []
+        for name, t in tensors:
+            lo, hi = piece_bounds(t.numel(), parts)[r]
+            sent.append((name, t.reshape(-1)[lo:hi]))
+        ranks.append(sent)
+    return ranks
+
+
+def _records(pieces, tensors):
+    return [
+        (name, str(full.dtype), tuple(full.shape), crc32(p), p.numel() * p.element_size())
+        for (name, p), (_, full) in zip(pieces, tensors)
+    ]
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_pieces_fingerprint_and_assemble_equal_the_whole(parts):
+    g = torch.Generator().manual_seed(parts)
+    tensors = [
+        ("w", torch.randn(5, 7, generator=g)),
+        ("tiny", torch.randn(1, generator=g)),  # fewer elements than ranks: empty pieces
+        ("h", torch.randn(9, generator=g).to(torch.bfloat16)),
+    ]
+    whole = Fingerprint()
+    for name, t in tensors:
+        whole.update(name, t)
+    ranks = _pieces(tensors, parts)
+    combined = Fingerprint.combine([_records(p, tensors) for p in ranks])
+    assert combined.hexdigest() == whole.hexdigest()
+    assert (combined.num_bytes, combined.num_tensors) == (whole.num_bytes, whole.num_tensors)
+    shapes = [tuple(t.shape) for _, t in tensors]
+    back = assemble([to_wire(p, shapes) for p in ranks])
+    for (n0, t0), (n1, t1) in zip(tensors, back):
+        assert n0 == n1 and t0.dtype == t1.dtype and torch.equal(t0, t1)
+
+
+def test_combine_skips_ranks_that_sent_nothing_and_catches_a_changed_piece():
+    tensors = [("w", torch.arange(10.0)), ("b", torch.ones(3))]
+    whole = Fingerprint()
+    for name, t in tensors:
+        whole.update(name, t)
+    gathered = Fingerprint.combine([_records(tensors, tensors), []])  # rank 0 sent it all
+    assert gathered.hexdigest() == whole.hexdigest()
+    ranks = _pieces(tensors, 2)
+    ranks[1][0] = ("w", ranks[1][0][1] + 1e-3)
+    changed = Fingerprint.combine([_records(p, tensors) for p in ranks])
+    assert changed.hexdigest() != whole.hexdigest()
+
+
+def test_combine_raises_when_ranks_disagree_on_a_tensor():
+    tensors = [("w", torch.zeros(4))]
+    r0 = _records(_pieces(tensors, 2)[0], tensors)
+    r1 = [("v", *r0[0][1:])]
+    with pytest.raises(WeightSyncError, match="different tensors"):
+        Fingerprint.combine([r0, r1])

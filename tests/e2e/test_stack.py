@@ -113,10 +113,11 @@ def test_broadcast_sync_fingerprints_match(stack):
         assert engine_fps == [trainer_fp]
 
 
-@pytest.mark.parametrize("max_in_flight", [0, 2])
-def test_object_store_sync_streams_verified_weights(stack, max_in_flight):
+@pytest.mark.parametrize("max_in_flight,gather", [(0, True), (2, False)])
+def test_object_store_sync_streams_verified_weights(stack, max_in_flight, gather):
+    """Both ways to send: each rank its ZeRO-3 pieces (default), or rank 0 the gathered whole."""
     cfg, roles, tok = stack
-    sent = roles.sync_through_store(cfg.sync.bucket_mb, max_in_flight)
+    sent = roles.sync_through_store(cfg.sync.bucket_mb, max_in_flight, gather)
     trainer_fp = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
     assert sent.num_buckets > 1 and sent.fingerprint == trainer_fp
     # The engines loaded what the trainer holds: their sampling logprobs are the trainer's.
@@ -127,27 +128,29 @@ def test_object_store_sync_streams_verified_weights(stack, max_in_flight):
 
 
 def _put_all(roles, bucket_mb):
+    """Every rank's pieces of every bucket (`put_bucket` results, rank order) and what was sent."""
     n = ray.get(roles.policy[0].num_buckets.remote(bucket_mb))
-    puts = [[p.put_bucket.remote(k, bucket_mb) for p in roles.policy] for k in range(n)]
-    wires = [ray.get(refs)[0] for refs in puts]
-    return wires, ray.get(roles.policy[0].sync_result.remote())
+    puts = [ray.get([p.put_bucket.remote(k, bucket_mb) for p in roles.policy]) for k in range(n)]
+    others = [p.sent_records.remote() for p in roles.policy[1:]]
+    return puts, ray.get(roles.policy[0].sync_result.remote(*others))
 
 
 def test_corrupted_sync_is_detected(stack):
     cfg, roles, _ = stack
     engine = roles.engines[0]
-    wires, sent = _put_all(roles, cfg.sync.bucket_mb)
-    bucket = ray.get(wires[0][0])
-    name, dtype, shape, raw = bucket[0]
+    puts, sent = _put_all(roles, cfg.sync.bucket_mb)
+    assert len(roles.policy) > 1 and all(len(p) == len(roles.policy) for p in puts)
+    piece = ray.get(puts[0][-1][0])  # the last rank's piece of bucket 0
+    name, dtype, shape, raw = piece[0]
     bad = raw.copy()
     bad.view("float32")[0] += 1e-3  # one element, slightly off: the silent kind of corruption
-    corrupted = [[ray.put([(name, dtype, shape, bad), *bucket[1:]])], *wires[1:]]
-    ray.get([engine.load_bucket.remote(w, k) for k, w in enumerate(corrupted)])
+    corrupted = [[*puts[0][:-1], [ray.put([(name, dtype, shape, bad), *piece[1:]])]], *puts[1:]]
+    ray.get([engine.load_bucket.remote(k, *refs) for k, refs in enumerate(corrupted)])
     with pytest.raises(ray.exceptions.RayTaskError) as err:
         ray.get(engine.finish_load.remote(sent, True))
     assert isinstance(err.value.cause, WeightSyncError) or "fingerprint mismatch" in str(err.value)
     # Restore the right weights for the tests below.
-    ray.get([engine.load_bucket.remote(w, k) for k, w in enumerate(wires)])
+    ray.get([engine.load_bucket.remote(k, *refs) for k, refs in enumerate(puts)])
     assert ray.get(engine.finish_load.remote(sent, True)) == [sent.fingerprint]
 
 
