@@ -37,16 +37,14 @@ from rayrlhf.metrics import read_metrics
 from rayrlhf.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE_OVERRIDES = {
-    "tiny": ["rollout.max_new_tokens=16"],
-    "100m": [
-        "rollout.max_new_tokens=32",
-        "rollout.kv_cache_gib=1.0",
-        "algorithm.ppo_epochs=1",
-        "algorithm.num_mini_batches=1",
-        "data.max_prompt_tokens=64",
-    ],
-}
+_100M = [
+    "rollout.max_new_tokens=32",
+    "rollout.kv_cache_gib=1.0",
+    "algorithm.ppo_epochs=1",
+    "algorithm.num_mini_batches=1",
+    "data.max_prompt_tokens=64",
+]
+SIZE_OVERRIDES = {"tiny": ["rollout.max_new_tokens=16"], "100m": _100M, "100m-deep": _100M}
 
 
 def bench_config(

@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--size",
         default="tiny",
-        choices=["tiny", "100m"],
-        help="tiny: 0.5M params, the demo; 100m: ~100M params, for benchmarks",
+        choices=["tiny", "100m", "100m-deep"],  # models.tiny.SIZES; not imported: slow
+        help="tiny: 0.5M params, the demo; 100m (12 wide layers) and 100m-deep (30 narrow "
+        "layers, SmolLM-135M's shape): ~100M params, for benchmarks",
     )
     return parser
 

@@ -52,13 +52,20 @@ def train_tokenizer(corpus: Path = CORPUS, vocab_size: int = 512) -> PreTrainedT
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
-# name -> (hidden size, layers, MLP width). "100m" gives meaningful CPU benchmark figures.
-SIZES = {"tiny": (128, 2, 256), "100m": (768, 12, 3072)}
+# name -> (hidden size, layers, MLP width, key/value heads or None for one per query head).
+# The ~100M sizes give meaningful CPU benchmark figures: "100m" is wide and shallow (GPT-2
+# small's widths), "100m-deep" is SmolLM-135M's shape (30 layers, grouped-query attention), with
+# 2.5x as many tensors to sync.
+SIZES = {
+    "tiny": (128, 2, 256, None),
+    "100m": (768, 12, 3072, None),
+    "100m-deep": (576, 30, 1536, 3),
+}
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str = "tiny") -> LlamaConfig:
     """A Llama config from `SIZES`; heads have dim 32 or 64 (vLLM's CPU kernel rejects 16)."""
-    hidden, layers, mlp = SIZES[size]
+    hidden, layers, mlp, kv_heads = SIZES[size]
     heads = hidden // (32 if hidden <= 256 else 64)
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -66,7 +73,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str = "tiny") -> Llama
         intermediate_size=mlp,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -7,8 +7,10 @@ from transformers import (
     AutoTokenizer,
 )
 
+from rayrlhf.cli import build_parser
 from rayrlhf.data.demo_task import GOOD_WORDS
 from rayrlhf.models.forward import sequence_scores
+from rayrlhf.models.tiny import SIZES, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,17 @@ def test_reward_model_prefers_good_words(tiny_models, tokenizer):
     # the rule gives 1.0 vs 0.0; the fitted model must order every pair the same way
     assert g.min() > o.max(), (g, o)
     assert (g.mean() - o.mean()).item() > 0.3
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_sizes_build_the_advertised_models(size, tokenizer):
+    config = tiny_config(tokenizer, size)
+    with torch.device("meta"):  # shapes only: no memory for the ~100M sizes
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    if size.startswith("100m"):
+        assert 80e6 < params < 140e6, params
+    assert config.hidden_size // config.num_attention_heads in (32, 64)  # vLLM CPU kernels
+    make_tiny_choices = build_parser()._subparsers._group_actions[0].choices["make-tiny"]
+    size_arg = next(a for a in make_tiny_choices._actions if a.dest == "size")
+    assert size in size_arg.choices
