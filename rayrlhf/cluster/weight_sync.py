@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import warnings
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,19 +146,34 @@ class Fingerprint:
     SHA-256 passes per sync cost 0.6 s of CPU). The bytes are read in place, never copied.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pool: Executor | None = None) -> None:
+        """`pool`: compute the CRCs there, off the caller's thread (zlib releases the GIL), so
+        that an engine hashes bucket k while it loads it; `hexdigest` waits for them."""
         self._h = hashlib.sha256()
+        self._pool = pool
+        self._pending: deque[tuple[str, str, tuple[int, ...], int | Future[int]]] = deque()
         self.num_bytes = 0
         self.num_tensors = 0
 
     def update(self, name: str, tensor: Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        self._add(name, str(tensor.dtype), tuple(tensor.shape), crc32(tensor), nbytes)
+        crc = crc32(tensor) if self._pool is None else self._pool.submit(crc32, tensor)
+        self._add(name, str(tensor.dtype), tuple(tensor.shape), crc, nbytes)
 
-    def _add(self, name: str, dtype: str, shape: tuple[int, ...], crc: int, nbytes: int) -> None:
-        self._h.update(f"{name}|{dtype}|{shape}|{crc:08x};".encode())
+    def _add(
+        self, name: str, dtype: str, shape: tuple[int, ...], crc: int | Future[int], nbytes: int
+    ) -> None:
+        self._pending.append((name, dtype, shape, crc))
         self.num_bytes += nbytes
         self.num_tensors += 1
+
+    def _digest(self) -> hashlib._Hash:
+        """The SHA-256 state with every record so far hashed in, in order."""
+        while self._pending:
+            name, dtype, shape, crc = self._pending.popleft()
+            crc = crc if isinstance(crc, int) else crc.result()
+            self._h.update(f"{name}|{dtype}|{shape}|{crc:08x};".encode())
+        return self._h
 
     @classmethod
     def combine(cls, ranks: list[list[PieceRecord]]) -> Fingerprint:
@@ -174,11 +191,11 @@ class Fingerprint:
         return fp
 
     def hexdigest(self) -> str:
-        return self._h.hexdigest()
+        return self._digest().hexdigest()
 
     def digest_tensor(self) -> Tensor:
         """The digest as a [32] uint8 tensor, to send over a broadcast group."""
-        return torch.frombuffer(bytearray(self._h.digest()), dtype=torch.uint8).clone()
+        return torch.frombuffer(bytearray(self._digest().digest()), dtype=torch.uint8).clone()
 
 
 def fingerprinted(

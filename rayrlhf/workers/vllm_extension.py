@@ -13,6 +13,7 @@ can arrive one RPC at a time while the trainer is still gathering the next ones.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 import torch
@@ -53,7 +54,9 @@ class WeightSyncExtension:
         rank); index 0 opens a session. What is hashed is what is loaded: the joined tensors."""
         model = self.model_runner.get_model()
         if index == 0:
-            self._rr_received = Fingerprint()
+            if not hasattr(self, "_rr_hasher"):
+                self._rr_hasher = ThreadPoolExecutor(1, thread_name_prefix="rayrlhf-crc")
+            self._rr_received = Fingerprint(self._rr_hasher)
             initialize_layerwise_reload(model)
         named = assemble(ray.get([r[0] for r in wire_refs if r]))
         model.load_weights(fingerprinted(named, self._rr_received))

@@ -399,3 +399,21 @@ def test_combine_raises_when_ranks_disagree_on_a_tensor():
     r1 = [("v", *r0[0][1:])]
     with pytest.raises(WeightSyncError, match="different tensors"):
         Fingerprint.combine([r0, r1])
+
+
+def test_fingerprint_hashed_on_a_thread_pool_equals_inline():
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [(f"t{i}", torch.randn(1000 + i, generator=g)) for i in range(20)]
+    inline = Fingerprint()
+    with ThreadPoolExecutor(1) as pool:
+        background = Fingerprint(pool)
+        for name, t in tensors:
+            inline.update(name, t)
+            background.update(name, t)
+        assert background.hexdigest() == inline.hexdigest()
+        assert (background.num_bytes, background.num_tensors) == (inline.num_bytes, 20)
+        background.update("late", torch.ones(3))  # records after a digest still count, in order
+        inline.update("late", torch.ones(3))
+        assert torch.equal(background.digest_tensor(), inline.digest_tensor())
