@@ -1,0 +1,28 @@
+"""Host-memory allocator settings for the CPU path.
+
+Weight sync and ZeRO-3 allocate and free buffers of tens of MB, many times a step. glibc serves
+blocks that big with a fresh mmap and unmaps them on free, so every reuse page-faults its memory
+in again: on the CI machine a 64 MB allocate-and-copy runs at 2.2 GB/s that way and at 6-7 GB/s
+from memory the process kept. vLLM's CPU guide preloads tcmalloc for the same reason; mallopt
+does it with the C library every Linux machine has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory(keep_bytes: int = KEEP_BYTES) -> bool:
+    """Serve big blocks from the heap and return freed memory to the OS only when more than
+    `keep_bytes` of it sits at the heap's top. Applies to the calling thread's arena, the main
+    thread's: where Ray runs an actor's methods. False where the C library has no mallopt."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, keep_bytes) and mallopt(_M_TRIM_THRESHOLD, keep_bytes))
