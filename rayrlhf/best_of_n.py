@@ -20,8 +20,7 @@ from ray.util.placement_group import remove_placement_group
 from transformers import AutoTokenizer
 
 from rayrlhf.algorithms.estimators import best_of_n
-from rayrlhf.cluster.placement import actor_options, reserve
-from rayrlhf.cluster.roles import threads_for
+from rayrlhf.cluster.placement import actor_options, reserve, threads_for
 from rayrlhf.config import ConfigError, TrainConfig, load_config
 from rayrlhf.data.prompts import DataError, PromptSet
 from rayrlhf.data.synthetic import gold_score

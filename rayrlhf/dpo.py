@@ -12,7 +12,6 @@ forward pass per pair and frees the reference's resources for the whole training
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,8 +25,14 @@ from pydantic import Field, model_validator
 from ray.util.placement_group import remove_placement_group
 from transformers import AutoTokenizer
 
-from rayrlhf.cluster.placement import actor_options, reserve
-from rayrlhf.cluster.roles import address_and_port, threads_for
+from rayrlhf.cluster.placement import (
+    GroupSpec,
+    actor_options,
+    reserve,
+    start_zero3_ranks,
+    threads_for,
+)
+from rayrlhf.cluster.placement import connect as join_or_start
 from rayrlhf.cluster.waits import bounded_get
 from rayrlhf.config import (
     ConfigError,
@@ -39,7 +44,6 @@ from rayrlhf.config import (
 from rayrlhf.data.preferences import PreferenceSet, load_preferences
 from rayrlhf.data.prompts import DataError
 from rayrlhf.types import shard_rows
-from rayrlhf.workers.deepspeed_role import RankSpec
 from rayrlhf.workers.dpo import (
     DPOPolicyWorker,
     DPOReferenceWorker,
@@ -158,14 +162,8 @@ def prepare_inputs(cfg: DPOConfig) -> tuple[Path, Path | None]:
 
 def connect(cfg: DPOConfig) -> None:
     """Join the configured cluster, the job's cluster, or start a local one big enough."""
-    if ray.is_initialized():
-        return
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address=cfg.ray_address or "auto")
-        return
     needed = cfg.policy.num_ranks * cfg.policy.resources.num_cpus
-    needed += cfg.reference.resources.num_cpus
-    ray.init(num_cpus=max(int(needed + 0.999), os.cpu_count() or 1), include_dashboard=False)
+    join_or_start(cfg.ray_address, needed + cfg.reference.resources.num_cpus)
 
 
 # ---- the actors ----------------------------------------------------------------------------
@@ -207,18 +205,12 @@ def start_actors(cfg: DPOConfig, actors: DPOActors) -> None:
     pol = cfg.policy
     pg = reserve("policy", pol.resources, pol.num_ranks, cfg.placement_timeout_s)
     actors.placement_groups.append(pg)
-    strategy = actor_options(pg, 0, pol.resources)["scheduling_strategy"]
-    addr, port = ray.get(address_and_port.options(scheduling_strategy=strategy).remote())
-    accum = cfg.batch_size // (pol.num_ranks * pol.micro_batch_size)
-    for rank in range(pol.num_ranks):
-        spec = RankSpec(
-            rank, pol.num_ranks, addr, port, pol.micro_batch_size, accum, pol.lr,
-            pol.weight_decay, pol.grad_clip, cfg.seed, threads_for(pol.resources),
-        )  # fmt: skip
-        options = actor_options(pg, rank, pol.resources)
-        actors.policy.append(
-            ray.remote(DPOPolicyWorker).options(**options).remote(pol.model_path, spec)
-        )
+    spec = GroupSpec(
+        pol.model_path, pol.num_ranks, pol.micro_batch_size,
+        cfg.batch_size // (pol.num_ranks * pol.micro_batch_size), pol.lr, pol.weight_decay,
+        pol.grad_clip, cfg.seed, pol.resources,
+    )  # fmt: skip
+    actors.policy.extend(start_zero3_ranks(DPOPolicyWorker, pg, spec))
     ref = cfg.reference
     pg = reserve("reference", ref.resources, 1, cfg.placement_timeout_s)
     actors.placement_groups.append(pg)

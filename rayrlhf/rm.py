@@ -20,19 +20,13 @@ import yaml
 from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from rayrlhf.cluster.placement import GroupSpec, connect
 from rayrlhf.config import ConfigError, Resources, Section, load_recipe
 from rayrlhf.data.prompts import DataError
 from rayrlhf.data.reward_pairs import RewardPairSet, load_reward_pairs
 from rayrlhf.types import shard_rows
 from rayrlhf.workers.reward_trainer import RewardTrainerWorker, RMStepStats, mean_rm_stats
-from rayrlhf.zero3_run import (
-    GroupSpec,
-    MetricsFile,
-    Zero3Group,
-    connect,
-    padded_indices,
-    start_group,
-)
+from rayrlhf.zero3_run import MetricsFile, Zero3Group, padded_indices, start_group
 
 DEFAULT_RM_CONFIG = "rm-tiny-cpu.yaml"
 EVAL_PAIRS = 100

@@ -17,19 +17,13 @@ import yaml
 from pydantic import Field, model_validator
 from transformers import AutoTokenizer
 
+from rayrlhf.cluster.placement import GroupSpec, connect
 from rayrlhf.config import ConfigError, Resources, Section, load_recipe
 from rayrlhf.data.demonstrations import SFTSet, load_demonstrations, synthetic_demonstrations
 from rayrlhf.data.prompts import DataError
 from rayrlhf.types import shard_rows
 from rayrlhf.workers.sft import SFTWorker
-from rayrlhf.zero3_run import (
-    GroupSpec,
-    MetricsFile,
-    Zero3Group,
-    connect,
-    padded_indices,
-    start_group,
-)
+from rayrlhf.zero3_run import MetricsFile, Zero3Group, padded_indices, start_group
 
 DEFAULT_SFT_CONFIG = "sft-tiny-cpu.yaml"
 EVAL_ROWS = 100

@@ -13,16 +13,15 @@ vLLM, so the importance ratio compares like with like; the engine's own logprobs
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
-import ray
 import yaml
 from transformers import AutoTokenizer
 
 from rayrlhf.algorithms.kl import AdaptiveKLController, FixedKLController
 from rayrlhf.algorithms.rewards import RunningMoments
+from rayrlhf.cluster.placement import connect as join_or_start
 from rayrlhf.cluster.roles import Roles
 from rayrlhf.config import AlgorithmConfig, ConfigError, TrainConfig
 from rayrlhf.data.prompts import PromptSet
@@ -149,19 +148,9 @@ class Run:
 
 def connect(cfg: TrainConfig) -> None:
     """Join the configured cluster, the job's cluster, or start a local one big enough."""
-    if ray.is_initialized():
-        return
-    if cfg.ray_address or _inside_ray_job():
-        ray.init(address=cfg.ray_address or "auto")
-        return
     needed = cfg.policy.num_ranks * cfg.policy.resources.num_cpus
     if cfg.active_critic:
         needed += cfg.active_critic.num_ranks * cfg.active_critic.resources.num_cpus
     needed += cfg.reference.resources.num_cpus + cfg.reward.resources.num_cpus
     needed += cfg.rollout.num_engines * cfg.rollout.resources.num_cpus
-    # Logical CPUs may exceed the cores: each role still gets its own bundle.
-    ray.init(num_cpus=max(int(needed + 0.999), os.cpu_count() or 1), include_dashboard=False)
-
-
-def _inside_ray_job() -> bool:
-    return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+    join_or_start(cfg.ray_address, needed)

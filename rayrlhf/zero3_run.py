@@ -7,33 +7,14 @@ a timeout names the phase, as in the PPO and DPO drivers.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from rayrlhf.cluster.placement import actor_options, reserve
-from rayrlhf.cluster.roles import address_and_port, threads_for
+from rayrlhf.cluster.placement import GroupSpec, reserve, start_zero3_ranks
 from rayrlhf.cluster.waits import bounded_get
-from rayrlhf.config import Resources
-from rayrlhf.workers.deepspeed_role import RankSpec
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """How to start a ZeRO-3 group; `grad_accum_steps` = step batch / (ranks x micro-batch)."""
-
-    model_path: str
-    num_ranks: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    lr: float
-    weight_decay: float
-    grad_clip: float
-    seed: int
-    resources: Resources
 
 
 @dataclass
@@ -68,29 +49,10 @@ class Zero3Group:
 def start_group(cls: type, role: str, spec: GroupSpec, group: Zero3Group, wait_s: float) -> None:
     """Reserve bundles and start `spec.num_ranks` actors of `cls`; fills `group` as it goes,
     so the caller's `shutdown` also cleans up a failed start."""
-    res = spec.resources
-    pg = reserve(role, res, spec.num_ranks, wait_s)
+    pg = reserve(role, spec.resources, spec.num_ranks, wait_s)
     group.placement_groups.append(pg)
-    strategy = actor_options(pg, 0, res)["scheduling_strategy"]
-    addr, port = ray.get(address_and_port.options(scheduling_strategy=strategy).remote())
-    for rank in range(spec.num_ranks):
-        rank_spec = RankSpec(
-            rank, spec.num_ranks, addr, port, spec.micro_batch_size, spec.grad_accum_steps,
-            spec.lr, spec.weight_decay, spec.grad_clip, spec.seed, threads_for(res),
-        )  # fmt: skip
-        actor = ray.remote(cls).options(**actor_options(pg, rank, res))
-        group.ranks.append(actor.remote(spec.model_path, rank_spec))
+    group.ranks.extend(start_zero3_ranks(cls, pg, spec))
     group.get([a.__ray_ready__.remote() for a in group.ranks], "start-up")
-
-
-def connect(address: str | None, cpus_needed: float) -> None:
-    """Join the configured cluster, the job's cluster, or start a local one big enough."""
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address=address or "auto")
-        return
-    ray.init(num_cpus=max(int(cpus_needed + 0.999), os.cpu_count() or 1), include_dashboard=False)
 
 
 def padded_indices(idx: list[int], n: int) -> list[int]:

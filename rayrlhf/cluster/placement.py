@@ -3,15 +3,22 @@
 On a GPU cluster a bundle holds the role's GPUs; on CPU it holds logical CPUs, so each role still
 gets its own reservation and its actors never compete for another role's slot. Reservation is
 bounded in time: an unplaceable request is an error naming the role and what it asked for.
+Also here: joining or starting the cluster, and starting a ZeRO-3 group's ranks in their bundles,
+which every driver (PPO, DPO, SFT, reward model) does the same way.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayrlhf.cluster.collective import free_port
 from rayrlhf.config import Resources
+from rayrlhf.workers.deepspeed_role import RankSpec
 
 
 class PlacementError(RuntimeError):
@@ -49,3 +56,58 @@ def actor_options(pg: PlacementGroup, index: int, res: Resources) -> dict:
             placement_group=pg, placement_group_bundle_index=index
         ),
     }
+
+
+def threads_for(res: Resources) -> int:
+    """torch threads for an actor: its bundle's CPUs."""
+    return max(1, int(res.num_cpus))
+
+
+@ray.remote(num_cpus=0)
+def address_and_port() -> tuple[str, int]:
+    """Run inside a role's bundle: the node's IP and a free port there (rank 0's rendezvous)."""
+    ip = ray.util.get_node_ip_address()
+    return ip, free_port(ip)
+
+
+def connect(address: str | None, cpus_needed: float) -> None:
+    """Join `address`, the Ray job's cluster, or start a local one with a logical CPU for each
+    bundle (more than the cores if need be: each role still gets its own reservation)."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(address=address or "auto")
+        return
+    ray.init(num_cpus=max(int(cpus_needed + 0.999), os.cpu_count() or 1), include_dashboard=False)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How to start a ZeRO-3 group; `grad_accum_steps` = step batch / (ranks x micro-batch)."""
+
+    model_path: str
+    num_ranks: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    resources: Resources
+
+
+def start_zero3_ranks(cls: type, pg: PlacementGroup, spec: GroupSpec) -> list:
+    """One `cls` actor per bundle of `pg`, rank 0's rendezvous in bundle 0. Returns at once:
+    the caller waits for `__ray_ready__`."""
+    res = spec.resources
+    strategy = actor_options(pg, 0, res)["scheduling_strategy"]
+    addr, port = ray.get(address_and_port.options(scheduling_strategy=strategy).remote())
+    ranks = []
+    for rank in range(spec.num_ranks):
+        rank_spec = RankSpec(
+            rank, spec.num_ranks, addr, port, spec.micro_batch_size, spec.grad_accum_steps,
+            spec.lr, spec.weight_decay, spec.grad_clip, spec.seed, threads_for(res),
+        )  # fmt: skip
+        actor = ray.remote(cls).options(**actor_options(pg, rank, res))
+        ranks.append(actor.remote(spec.model_path, rank_spec))
+    return ranks

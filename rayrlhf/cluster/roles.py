@@ -18,8 +18,15 @@ import torch
 from ray.util.placement_group import remove_placement_group
 
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
-from rayrlhf.cluster.collective import free_port, resolve_backend
-from rayrlhf.cluster.placement import actor_options, reserve
+from rayrlhf.cluster.collective import resolve_backend
+from rayrlhf.cluster.placement import (
+    GroupSpec,
+    actor_options,
+    address_and_port,
+    reserve,
+    start_zero3_ranks,
+    threads_for,
+)
 from rayrlhf.cluster.waits import bounded_get
 from rayrlhf.config import Resources, TrainConfig
 from rayrlhf.types import (
@@ -33,7 +40,6 @@ from rayrlhf.types import (
     shard_rows,
 )
 from rayrlhf.workers.critic import CriticWorker
-from rayrlhf.workers.deepspeed_role import RankSpec
 from rayrlhf.workers.policy import PolicyWorker, mean_stats
 from rayrlhf.workers.reference import ReferenceWorker
 from rayrlhf.workers.reward import RewardWorker
@@ -51,17 +57,6 @@ def _busy(timer, **groups: list[Timed]) -> None:
         for role, results in groups.items():
             if results:  # a role with no actors (no critic) did no work
                 timer.add_busy(role, max(r.seconds for r in results))
-
-
-@ray.remote(num_cpus=0)
-def address_and_port() -> tuple[str, int]:
-    """Run inside a role's bundle: the node's IP and a free port there (rank 0's rendezvous)."""
-    ip = ray.util.get_node_ip_address()
-    return ip, free_port(ip)
-
-
-def threads_for(res: Resources) -> int:
-    return max(1, int(res.num_cpus))
 
 
 class Roles:
@@ -131,37 +126,15 @@ class Roles:
         return ray.remote(cls).options(**actor_options(pg, 0, res)).remote(*args)
 
     def _zero3_group(self, role: str, cls, model_path: str, rc, weight_decay: float) -> list:
-        pg = self._reserve(role, rc.resources, rc.num_ranks)
-        addr, port = ray.get(
-            address_and_port.options(
-                scheduling_strategy=actor_options(pg, 0, rc.resources)["scheduling_strategy"]
-            ).remote()
-        )
         algorithm = self.cfg.algorithm
         accum = algorithm.rollout_batch_size // (
             rc.num_ranks * rc.micro_batch_size * algorithm.num_mini_batches
         )
-        actors = []
-        for rank in range(rc.num_ranks):
-            spec = RankSpec(
-                rank,
-                rc.num_ranks,
-                addr,
-                port,
-                rc.micro_batch_size,
-                accum,
-                rc.lr,
-                weight_decay,
-                rc.grad_clip,
-                self.cfg.seed,
-                threads_for(rc.resources),
-            )
-            actors.append(
-                ray.remote(cls)
-                .options(**actor_options(pg, rank, rc.resources))
-                .remote(model_path, spec)
-            )
-        return actors
+        spec = GroupSpec(
+            model_path, rc.num_ranks, rc.micro_batch_size, accum, rc.lr, weight_decay,
+            rc.grad_clip, self.cfg.seed, rc.resources,
+        )  # fmt: skip
+        return start_zero3_ranks(cls, self._reserve(role, rc.resources, rc.num_ranks), spec)
 
     def _init_broadcast_group(self) -> None:
         backend = resolve_backend(self.cfg.sync.backend)
