@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from rayrlhf.cluster.weight_sync import ParamMeta, piece_bounds, plan_buckets
-from rayrlhf.workers.host_memory import prepare_role_process
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class DeepSpeedRole:
             LOCAL_RANK="0",
             LOCAL_WORLD_SIZE="1",
         )
-        prepare_role_process(spec.num_threads)  # ZeRO-3 gathers and frees weights each pass
+        torch.set_num_threads(spec.num_threads)
         # DeepSpeed 0.19 calls torch.distributed APIs that warn on every gather.
         warnings.filterwarnings("ignore", category=FutureWarning)
         torch.manual_seed(spec.seed)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-import torch
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 KEEP_BYTES = 1 << 30
 
@@ -28,12 +26,3 @@ def keep_freed_memory(keep_bytes: int = KEEP_BYTES) -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, keep_bytes) and mallopt(_M_TRIM_THRESHOLD, keep_bytes))
-
-
-def prepare_role_process(num_threads: int | None = None) -> None:
-    """Start of a model role's actor: torch's CPU thread count (its Ray bundle's CPUs) and, on a
-    CPU-only machine, `keep_freed_memory`."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    if not torch.cuda.is_available():
-        keep_freed_memory()

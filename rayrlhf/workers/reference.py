@@ -6,14 +6,13 @@ import torch
 
 from rayrlhf.models.forward import load_model, response_logprobs
 from rayrlhf.types import Rollout, micro_batches, timed
-from rayrlhf.workers.host_memory import prepare_role_process
 
 
 class ReferenceWorker:
     """Holds the reference model on this actor's device (its GPU, or CPU)."""
 
     def __init__(self, model_path: str, micro_batch_size: int, num_threads: int) -> None:
-        prepare_role_process(num_threads)
+        torch.set_num_threads(num_threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = (

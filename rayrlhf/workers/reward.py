@@ -9,7 +9,6 @@ import torch
 
 from rayrlhf.models.forward import load_model, sequence_scores
 from rayrlhf.types import Rollout, micro_batches, timed
-from rayrlhf.workers.host_memory import prepare_role_process
 
 RuleFn = Callable[[list[str], list[str]], list[float]]
 
@@ -32,7 +31,7 @@ class RewardWorker:
     def __init__(
         self, model_path: str | None, rule: str | None, micro_batch_size: int, num_threads: int
     ) -> None:
-        prepare_role_process(num_threads)
+        torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = None
         if model_path is not None:

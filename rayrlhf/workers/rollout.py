@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from rayrlhf.cluster.weight_sync import ParamMeta
 from rayrlhf.config import RolloutConfig
 from rayrlhf.types import SyncResult, timed
-from rayrlhf.workers.host_memory import prepare_role_process
+from rayrlhf.workers.host_memory import keep_freed_memory
 
 EXTENSION = "rayrlhf.workers.vllm_extension.WeightSyncExtension"
 
@@ -36,9 +36,11 @@ class RolloutEngine:
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, index: int) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the run's log readable
+        import torch
         from vllm import LLM
 
-        prepare_role_process()  # each sync allocates the model's size in buffers, several times
+        if not torch.cuda.is_available():
+            keep_freed_memory()  # each sync allocates the model's size in buffers, several times
 
         kv = (
             {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)}
