@@ -43,6 +43,7 @@ from rayrlhf.config import (
 )
 from rayrlhf.data.preferences import PreferenceSet, load_preferences
 from rayrlhf.data.prompts import DataError
+from rayrlhf.data.synthetic import train_and_held_out
 from rayrlhf.types import shard_rows
 from rayrlhf.workers.dpo import (
     DPOPolicyWorker,
@@ -53,10 +54,10 @@ from rayrlhf.workers.dpo import (
     implicit_reward_eval,
     mean_dpo_stats,
 )
+from rayrlhf.zero3_run import check_data_source
+from rayrlhf.zero3_run import prepare_inputs as prepare_run_inputs
 
 DEFAULT_DPO_CONFIG = "dpo-tiny-cpu.yaml"
-EVAL_PAIRS = 100
-"""Held-out pairs generated next to `synthetic_pairs`."""
 CHUNK_PAIRS = 256
 """Pairs per remote call when scoring whole sets (bounds each call's padded batch)."""
 
@@ -120,10 +121,7 @@ class DPOConfig(Section):
             )
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError("label_smoothing (cDPO) applies to loss_type 'sigmoid' only")
-        if self.synthetic_pairs and (self.data.train or self.data.eval):
-            raise ValueError("set synthetic_pairs or data.train/data.eval, not both")
-        if not self.synthetic_pairs and not self.data.train:
-            raise ValueError("set data.train (a JSONL file of pairs) or synthetic_pairs")
+        check_data_source("synthetic_pairs", self.synthetic_pairs, self.data, "pairs")
         return self
 
 
@@ -137,27 +135,11 @@ def load_dpo_config(path: str | Path | None = None, overrides: list[str] = ()) -
 
 def prepare_inputs(cfg: DPOConfig) -> tuple[Path, Path | None]:
     """Build demo models and data if asked, check that every path exists: (train, eval)."""
-    if cfg.make_tiny_models and not (Path(cfg.make_tiny_models) / "policy/config.json").exists():
-        from rayrlhf.models.tiny import make_tiny
-
-        make_tiny(cfg.make_tiny_models)
-    train, held_out = cfg.data.train, cfg.data.eval
-    if cfg.synthetic_pairs:
-        from rayrlhf.data.synthetic import train_and_held_out, write_jsonl
-
-        rows, held_rows = train_and_held_out(cfg.synthetic_pairs, EVAL_PAIRS, cfg.seed)
-        train = write_jsonl(rows, Path(cfg.run_dir) / "data" / "train.jsonl")
-        held_out = write_jsonl(held_rows, Path(cfg.run_dir) / "data" / "eval.jsonl")
-    paths = {
+    models = {
         "policy.model_path": cfg.policy.model_path,
         "reference.model_path": cfg.reference.model_path,
-        "data.train": train,
-        "data.eval": held_out,
     }
-    for name, value in paths.items():
-        if value is not None and not Path(value).exists():
-            raise ConfigError(f"invalid config:\n  {name}: path does not exist: {value}")
-    return Path(train), Path(held_out) if held_out else None
+    return prepare_run_inputs(cfg, models, cfg.synthetic_pairs, train_and_held_out)
 
 
 def connect(cfg: DPOConfig) -> None:

@@ -11,26 +11,33 @@ save   run_dir/model, an HF sequence-classification model that the PPO reward ro
 from __future__ import annotations
 
 import sys
-import time
+from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
-import yaml
 from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from rayrlhf.cluster.placement import GroupSpec, connect
-from rayrlhf.config import ConfigError, Resources, Section, load_recipe
+from rayrlhf.config import ConfigError, Section, load_recipe
 from rayrlhf.data.prompts import DataError
 from rayrlhf.data.reward_pairs import RewardPairSet, load_reward_pairs
+from rayrlhf.data.synthetic import train_and_held_out
 from rayrlhf.types import shard_rows
 from rayrlhf.workers.reward_trainer import RewardTrainerWorker, RMStepStats, mean_rm_stats
-from rayrlhf.zero3_run import MetricsFile, Zero3Group, padded_indices, start_group
+from rayrlhf.zero3_run import (
+    MetricsFile,
+    Zero3Group,
+    Zero3RunConfig,
+    check_data_source,
+    load_splits,
+    padded_indices,
+    prepare_inputs,
+    run_epochs,
+    run_group,
+    write_run_config,
+)
 
 DEFAULT_RM_CONFIG = "rm-tiny-cpu.yaml"
-EVAL_PAIRS = 100
-"""Held-out pairs generated next to `synthetic_pairs`."""
 CHUNK_PAIRS = 256
 """Pairs per evaluation call (bounds each call's padded batch)."""
 
@@ -45,58 +52,17 @@ class RMDataConfig(Section):
     """Most tokens in prompt + response (either side); a longer pair is a bad row (file:line)."""
 
 
-class RMConfig(Section):
+class RMConfig(Zero3RunConfig):
     run_dir: str = "runs/tiny-rm"
     """Output directory: metrics.jsonl, config.yaml, model/ (the trained reward model)."""
-    seed: int = 0
-    """Seed for pair order, the new score head and synthetic data."""
-    model_path: str
-    """HF directory to start from: a one-label sequence classifier, or a causal LM whose
-    backbone gets a fresh scalar head."""
-    num_ranks: int = Field(2, ge=1)
-    """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor each."""
-    micro_batch_size: int = Field(8, ge=1)
-    """Pairs per rank per forward/backward pass (2x sequences)."""
-    lr: float = Field(1e-3, gt=0)
-    """AdamW learning rate."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    grad_clip: float = Field(1.0, gt=0)
-    """Global gradient-norm clip."""
-    resources: Resources = Resources()
-    """Resources of each rank's actor."""
-    epochs: int = Field(2, ge=1)
-    """Passes over the training pairs."""
-    batch_size: int = Field(32, ge=1)
-    """Pairs per optimizer step, over all ranks."""
-    on_bad_row: Literal["error", "skip"] = "error"
-    """A malformed data row stops the run naming file:line ('error'), or is left out and
-    counted ('skip')."""
     synthetic_pairs: int | None = Field(None, ge=1)
     """Demo only: generate this many training pairs (and 100 held-out ones) into run_dir/data."""
-    make_tiny_models: str | None = None
-    """Demo only: build the tiny models into this directory first if they are absent."""
-    ray_address: str | None = None
-    """Ray cluster address; None joins the job's cluster or starts a local one."""
-    phase_timeout_s: float = Field(900.0, gt=0)
-    """Longest wait for one phase (start-up, train step, eval, save) before an error."""
-    placement_timeout_s: float = Field(60.0, gt=0)
-    """Longest wait to reserve the ranks' resources before failing with what is missing."""
     data: RMDataConfig = RMDataConfig()
     """The preference pairs."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> RMConfig:
-        per_step = self.micro_batch_size * self.num_ranks
-        if self.batch_size % per_step:
-            raise ValueError(
-                f"batch_size={self.batch_size} must be divisible by micro_batch_size x "
-                f"num_ranks = {per_step}"
-            )
-        if self.synthetic_pairs and (self.data.train or self.data.eval):
-            raise ValueError("set synthetic_pairs or data.train/data.eval, not both")
-        if not self.synthetic_pairs and not self.data.train:
-            raise ValueError("set data.train (a JSONL file of pairs) or synthetic_pairs")
+    def _one_source(self) -> RMConfig:
+        check_data_source("synthetic_pairs", self.synthetic_pairs, self.data, "pairs")
         return self
 
 
@@ -106,26 +72,6 @@ def load_rm_config(path: str | Path | None = None, overrides: list[str] = ()) ->
 
 
 # ---- inputs, before Ray starts -------------------------------------------------------------
-
-
-def prepare_data(cfg: RMConfig) -> tuple[Path, Path | None]:
-    """Build demo models and pairs if asked, check that every path exists: (train, eval)."""
-    if cfg.make_tiny_models and not (Path(cfg.make_tiny_models) / "policy/config.json").exists():
-        from rayrlhf.models.tiny import make_tiny
-
-        make_tiny(cfg.make_tiny_models)
-    train, held_out = cfg.data.train, cfg.data.eval
-    if cfg.synthetic_pairs:
-        from rayrlhf.data.synthetic import train_and_held_out, write_jsonl
-
-        rows, held_rows = train_and_held_out(cfg.synthetic_pairs, EVAL_PAIRS, cfg.seed)
-        train = write_jsonl(rows, Path(cfg.run_dir) / "data" / "train.jsonl")
-        held_out = write_jsonl(held_rows, Path(cfg.run_dir) / "data" / "eval.jsonl")
-    paths = {"model_path": cfg.model_path, "data.train": train, "data.eval": held_out}
-    for name, value in paths.items():
-        if value is not None and not Path(value).exists():
-            raise ConfigError(f"invalid config:\n  {name}: path does not exist: {value}")
-    return Path(train), Path(held_out) if held_out else None
 
 
 def is_scalar_classifier(path: str | Path) -> bool:
@@ -182,28 +128,22 @@ def log_eval(
     return rec
 
 
-def _loop(cfg: RMConfig, group: Zero3Group, sets: dict[str, RewardPairSet], log: MetricsFile):
+def _step(group: Zero3Group, pairs: RewardPairSet, idx: list[int]) -> tuple[dict, str]:
+    s = train_step(group, pairs, idx)
+    names = ("loss", "accuracy", "chosen_reward", "rejected_reward")
+    record = {f"rm/{k}": getattr(s, k) for k in names}
+    return record, (
+        f"loss {s.loss:.4f} | acc {s.accuracy:.2f} | reward chosen {s.chosen_reward:+.3f} "
+        f"rejected {s.rejected_reward:+.3f}"
+    )
+
+
+def _loop(cfg: RMConfig, sets: dict[str, RewardPairSet], group: Zero3Group, log: MetricsFile):
     pairs = sets["train"]
-    per_epoch = len(pairs) // cfg.batch_size
-    total, start = cfg.epochs * per_epoch, time.time()
-    log_eval(log, group, sets, 0, 0)
-    for epoch in range(cfg.epochs):
-        order = pairs.pairs.order(epoch, cfg.seed)  # the last partial batch waits for next epoch
-        for b in range(per_epoch):
-            step, t0 = epoch * per_epoch + b, time.perf_counter()
-            s = train_step(group, pairs, order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-            seconds = time.perf_counter() - t0
-            log.write({"step": step + 1, "epoch": epoch, "rm/loss": s.loss,
-                       "rm/accuracy": s.accuracy, "rm/chosen_reward": s.chosen_reward,
-                       "rm/rejected_reward": s.rejected_reward, "time/step": seconds})  # fmt: skip
-            eta = (time.time() - start) / (step + 1) * (total - step - 1)
-            print(
-                f"step {step + 1}/{total} | loss {s.loss:.4f} | acc {s.accuracy:.2f} | reward "
-                f"chosen {s.chosen_reward:+.3f} rejected {s.rejected_reward:+.3f} | "
-                f"step {seconds:.2f}s | eta {eta:.0f}s",
-                flush=True,
-            )
-        log_eval(log, group, sets, (epoch + 1) * per_epoch, epoch + 1)
+    run_epochs(
+        cfg, len(pairs), lambda epoch: pairs.pairs.order(epoch, cfg.seed),
+        partial(_step, group, pairs), partial(log_eval, log, group, sets), log,
+    )  # fmt: skip
 
 
 def train_rm(cfg: RMConfig) -> Path:
@@ -212,38 +152,16 @@ def train_rm(cfg: RMConfig) -> Path:
     The model lands in run_dir/model; metrics.jsonl has one record per step and one eval
     record (train/accuracy, eval/accuracy) before training and after each epoch.
     """
-    train_path, eval_path = prepare_data(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
-    sets = {"train": load_reward_pairs(train_path, tokenizer, cfg.data.max_len, cfg.on_bad_row)}
-    if eval_path:
-        sets["eval"] = load_reward_pairs(eval_path, tokenizer, cfg.data.max_len, cfg.on_bad_row)
-    for split, pairs in sets.items():
-        if pairs.skipped:
-            print(f"{split}: skipped {pairs.skipped} bad row(s) (on_bad_row=skip)", flush=True)
-    if len(sets["train"]) < cfg.batch_size:
-        raise ConfigError(
-            f"invalid config:\n  batch_size: {cfg.batch_size} is more than the "
-            f"{len(sets['train'])} pairs in {train_path}"
-        )
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    models = {"model_path": cfg.model_path}
+    train, held_out = prepare_inputs(cfg, models, cfg.synthetic_pairs, train_and_held_out)
+    sets = load_splits(cfg, load_reward_pairs, train, held_out, "pairs")
+    run_dir = write_run_config(cfg)
     init = init_reward_model(cfg.model_path, run_dir / "init", cfg.seed)
-    connect(cfg.ray_address, cfg.num_ranks * cfg.resources.num_cpus)
-    accum = cfg.batch_size // (cfg.num_ranks * cfg.micro_batch_size)
-    spec = GroupSpec(
-        str(init), cfg.num_ranks, cfg.micro_batch_size, accum, cfg.lr, cfg.weight_decay,
-        cfg.grad_clip, cfg.seed, cfg.resources,
+    loop = partial(_loop, cfg, sets)
+    run_group(
+        cfg, RewardTrainerWorker, "reward-trainer", init, loop,
+        trainer="reward-model", saved="reward model",
     )  # fmt: skip
-    print(f"starting reward-model trainer: x{cfg.num_ranks} ZeRO-3 ranks", flush=True)
-    group = Zero3Group(cfg.phase_timeout_s)
-    try:
-        start_group(RewardTrainerWorker, "reward-trainer", spec, group, cfg.placement_timeout_s)
-        _loop(cfg, group, sets, MetricsFile(run_dir))
-        group.save(run_dir / "model")
-        print(f"reward model (HF format): {run_dir / 'model'}", flush=True)
-    finally:
-        group.shutdown()
     return run_dir
 
 
