@@ -162,6 +162,7 @@ class PolicyWorker(DeepSpeedRole):
     def _put(self, pieces: list[tuple[str, torch.Tensor]], metas: list[ParamMeta]) -> list | None:
         if not pieces:
             return None
+        pieces = [(name, t.detach().cpu()) for name, t in pieces]  # GPU: one copy, for both uses
         for (name, t), m in zip(pieces, metas):
             self._sent.append((name, str(m.dtype), m.shape, crc32(t), t.numel() * t.element_size()))
         self._sent_buckets += 1
