@@ -1,4 +1,4 @@
-"""Weight sync from trainer rank 0 to the vLLM engines: bucket plan, fingerprint, transports.
+"""Weight sync from the trainer ranks to the vLLM engines: bucket plan, fingerprint, transports.
 
 Flow of one sync, a bucket (many parameters) at a time:
     the trainer ranks hand the bucket's weights to the transport and hash what they send;

@@ -1,7 +1,8 @@
 """Policy role: a DeepSpeed ZeRO-3 rank that recomputes logprobs, takes PPO steps, pushes weights.
 
 All ranks run every method together (ZeRO-3 forwards and gathers are collective); the driver
-hands each rank an equal shard of the batch. Only rank 0 talks to the engines.
+hands each rank an equal shard of the batch. In the object-store sync every rank sends its own
+partition to the engines; in the broadcast sync only rank 0 talks to them.
 """
 
 from __future__ import annotations
