@@ -153,7 +153,11 @@ def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
     roles = Roles(cfg)
     try:
         roles.sync_weights()  # warm-up: first gathers, first reload
-        timings, digests = {}, set()
+        # What each mode must send, from the trainer's gathered weights: whole tensors, or each
+        # rank's piece of them (the fingerprint names the split).
+        world = len(roles.policy)
+        expected = {g: roles.policy_fingerprint(1 if g else world) for g in (True, False)}
+        timings, same = {}, True
         for name, (mb, ahead, gather) in SYNC_MODES.items():
             seconds = []
             for _ in range(reps):
@@ -161,7 +165,7 @@ def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
                 result = roles.sync_weights(mb, ahead, gather)
                 seconds.append(time.perf_counter() - start)
             timings[name] = {"seconds": statistics.median(seconds), "buckets": result.num_buckets}
-            digests.add(result.fingerprint)
+            same &= result.fingerprint == expected[gather]
     finally:
         roles.shutdown()
     nbytes = result.num_bytes
@@ -172,7 +176,7 @@ def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
         "bucket_mb": cfg.sync.bucket_mb,
         "max_in_flight": cfg.sync.max_in_flight,
         **timings,
-        "same_weights_in_every_mode": len(digests) == 1,
+        "same_weights_in_every_mode": same,
         "speedup": timings["per_parameter"]["seconds"] / bucketed,
         "speedup_vs_streamed_per_parameter": timings["per_parameter_streamed"]["seconds"]
         / bucketed,

@@ -248,6 +248,12 @@ class Roles:
         self.get([e.finish_load.remote(sent, self.cfg.sync.verify) for e in self.engines], "sync")
         return self.get(sent, "sync")
 
+    def policy_fingerprint(self, parts: int = 1) -> str:
+        """What a sync must deliver: the fingerprint of the policy's current weights, each tensor
+        whole (`parts` 1) or in the pieces `parts` ranks send. Gathers every bucket."""
+        calls = [a.fingerprint.remote(self.cfg.sync.bucket_mb, parts) for a in self.policy]
+        return self.get(calls, "fingerprint")[0]
+
     def save_policy(self, path: str) -> None:
         self.get([a.save.remote(path) for a in self.policy], "save")
 

@@ -21,8 +21,11 @@ from rayrlhf.cluster.weight_sync import (
     Fingerprint,
     ParamMeta,
     PieceRecord,
-    crc32,
+    digest,
+    dtype_name,
+    raw_bytes,
     send_broadcast,
+    split_pieces,
     to_wire,
 )
 from rayrlhf.config import AlgorithmConfig
@@ -145,7 +148,7 @@ class PolicyWorker(DeepSpeedRole):
         return len(self.bucket_plan(int(bucket_mb * 2**20)))
 
     def put_bucket(self, index: int, bucket_mb: float, gather: bool = False) -> list | None:
-        """Object-store transport, every rank: CRC and `ray.put` this rank's ZeRO-3 partition
+        """Object-store transport, every rank: hash and `ray.put` this rank's ZeRO-3 partition
         of bucket `index`, straight from DeepSpeed's buffer (no collective, no copy); engines
         join the ranks' pieces. `gather` is peers' way, kept as the benchmark's baseline: gather
         the full parameters (collective) and rank 0 alone puts them. Returns [ref] (in a list,
@@ -165,7 +168,8 @@ class PolicyWorker(DeepSpeedRole):
             return None
         pieces = [(name, t.detach().cpu()) for name, t in pieces]  # GPU: one copy, for both uses
         for (name, t), m in zip(pieces, metas):
-            self._sent.append((name, str(m.dtype), m.shape, crc32(t), t.numel() * t.element_size()))
+            raw = raw_bytes(t)
+            self._sent.append((name, dtype_name(m.dtype), m.shape, digest(raw), raw.nbytes))
         self._sent_buckets += 1
         return [ray.put(to_wire(pieces, [m.shape for m in metas]))]
 
@@ -197,10 +201,13 @@ class PolicyWorker(DeepSpeedRole):
         fp, n = send_broadcast(self._sync_group, buckets, self._sync_device)
         return SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, n)
 
-    def fingerprint(self, bucket_mb: float) -> str | None:
-        """Fingerprint of the current full weights (rank 0; None elsewhere). Collective."""
+    def fingerprint(self, bucket_mb: float, parts: int = 1) -> str | None:
+        """Fingerprint of the current full weights as a sync sends them: each tensor whole
+        (`parts` 1: the broadcast, or gathered buckets) or in the ranks' pieces (`parts` =
+        world size). Rank 0; None elsewhere. Collective."""
         fp = Fingerprint()
         for bucket in self.gathered_buckets(int(bucket_mb * 2**20)):
             for name, t in bucket:
-                fp.update(name, t)
+                pieces = [raw_bytes(p) for p in split_pieces(t, parts)]
+                fp.add_pieces(name, dtype_name(t.dtype), tuple(t.shape), pieces)
         return fp.hexdigest() if self.spec.rank == 0 else None

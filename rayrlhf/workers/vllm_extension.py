@@ -28,7 +28,6 @@ from rayrlhf.cluster.weight_sync import (
     ParamMeta,
     assemble,
     check_fingerprint,
-    fingerprinted,
     receive_broadcast,
     receive_digest,
 )
@@ -51,15 +50,17 @@ class WeightSyncExtension:
 
     def rr_load_bucket(self, index: int, wire_refs: tuple[list | None, ...]) -> None:
         """Object store: load one bucket from the ranks' pieces (`[ref]` or None per trainer
-        rank); index 0 opens a session. What is hashed is what is loaded: the joined tensors."""
+        rank); index 0 opens a session. The pieces are hashed as they arrived, on a second
+        thread, while the joined tensors load."""
         model = self.model_runner.get_model()
         if index == 0:
             if not hasattr(self, "_rr_hasher"):
                 self._rr_hasher = ThreadPoolExecutor(1, thread_name_prefix="rayrlhf-crc")
             self._rr_received = Fingerprint(self._rr_hasher)
             initialize_layerwise_reload(model)
-        named = assemble(ray.get([r[0] for r in wire_refs if r]))
-        model.load_weights(fingerprinted(named, self._rr_received))
+        wires = ray.get([r[0] for r in wire_refs if r])
+        self._rr_received.add_wires(wires)
+        model.load_weights(assemble(wires))
 
     def rr_finish_load(self, expected: str | None) -> str:
         """Object store: close the session (process what is left, e.g. attention layers) and

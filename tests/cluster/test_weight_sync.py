@@ -1,6 +1,5 @@
 import queue
 import traceback
-import zlib
 
 import numpy as np
 import pytest
@@ -14,15 +13,17 @@ from rayrlhf.cluster.weight_sync import (
     WeightSyncError,
     assemble,
     check_fingerprint,
-    crc32,
-    crc32_combine,
+    digest,
+    dtype_name,
     fingerprinted,
     flatten_bucket,
     piece_bounds,
     plan_buckets,
+    raw_bytes,
     receive_broadcast,
     receive_digest,
     send_broadcast,
+    split_pieces,
     to_wire,
     unflatten_bucket,
 )
@@ -319,7 +320,7 @@ def test_wire_format_round_trips_bytes_dtypes_and_shapes():
     assert sent.hexdigest() == got.hexdigest()
 
 
-# ---- sharded object-store sync: pieces, CRC combine, assemble ------------------------------------
+# ---- sharded object-store sync: pieces, their fingerprint, assemble -----------------------------
 
 
 @pytest.mark.parametrize("numel,parts", [(10, 2), (7, 2), (5, 4), (1, 3), (0, 2), (12, 3)])
@@ -333,30 +334,25 @@ def test_piece_bounds_tile_the_tensor_in_zero3_layout(numel, parts):
     assert all(hi - lo <= size for lo, hi in bounds)
 
 
-@pytest.mark.parametrize("len_a,len_b", [(0, 0), (0, 9), (9, 0), (1, 1), (1000, 37), (5, 70001)])
-def test_crc32_combine_equals_zlib_on_the_concatenation(len_a, len_b):
-    rng = np.random.default_rng(len_a * 7 + len_b)
-    a, b = rng.bytes(len_a), rng.bytes(len_b)
-    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len_b) == zlib.crc32(a + b)
-
-
 def _pieces(tensors, parts):
     """What each of `parts` ranks would send: its ZeRO-3 piece of every tensor."""
-    ranks = []
-    for r in range(parts):
-        sent = []
-        for name, t in tensors:
-            lo, hi = piece_bounds(t.numel(), parts)[r]
-            sent.append((name, t.reshape(-1)[lo:hi]))
-        ranks.append(sent)
-    return ranks
+    return [[(n, split_pieces(t, parts)[r]) for n, t in tensors] for r in range(parts)]
 
 
 def _records(pieces, tensors):
     return [
-        (name, str(full.dtype), tuple(full.shape), crc32(p), p.numel() * p.element_size())
+        (name, dtype_name(full.dtype), tuple(full.shape), digest(raw_bytes(p)), raw_bytes(p).nbytes)
         for (name, p), (_, full) in zip(pieces, tensors)
     ]
+
+
+def _split_fp(tensors, parts):
+    """The fingerprint of `tensors` as `parts` ranks send them, built from the whole tensors."""
+    fp = Fingerprint()
+    for name, t in tensors:
+        pieces = [raw_bytes(p) for p in split_pieces(t, parts)]
+        fp.add_pieces(name, dtype_name(t.dtype), tuple(t.shape), pieces)
+    return fp
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3])
@@ -367,30 +363,39 @@ def test_pieces_fingerprint_and_assemble_equal_the_whole(parts):
         ("tiny", torch.randn(1, generator=g)),  # fewer elements than ranks: empty pieces
         ("h", torch.randn(9, generator=g).to(torch.bfloat16)),
     ]
-    whole = Fingerprint()
-    for name, t in tensors:
-        whole.update(name, t)
     ranks = _pieces(tensors, parts)
-    combined = Fingerprint.combine([_records(p, tensors) for p in ranks])
-    assert combined.hexdigest() == whole.hexdigest()
-    assert (combined.num_bytes, combined.num_tensors) == (whole.num_bytes, whole.num_tensors)
+    for (_, t), *pieces in zip(tensors, *ranks):  # the pieces tile each tensor, in order
+        assert torch.equal(torch.cat([p for _, p in pieces]), t.reshape(-1))
+    sent = Fingerprint.combine([_records(p, tensors) for p in ranks])  # what the trainer says
+    expected = _split_fp(tensors, parts)  # from the whole tensors
     shapes = [tuple(t.shape) for _, t in tensors]
-    back = assemble([to_wire(p, shapes) for p in ranks])
+    wires = [to_wire(p, shapes) for p in ranks]
+    arrived = Fingerprint()  # what the engine hashes
+    arrived.add_wires(wires)
+    assert sent.hexdigest() == expected.hexdigest() == arrived.hexdigest()
+    assert (
+        sent.num_bytes == arrived.num_bytes == sum(t.numel() * t.element_size() for _, t in tensors)
+    )
+    assert sent.num_tensors == arrived.num_tensors == 3
+    if parts == 1:  # one piece is the whole tensor
+        assert sent.hexdigest() == _fp(tensors).hexdigest()
+    else:  # the digest names the split: the same weights sent another way differ
+        assert sent.hexdigest() != _fp(tensors).hexdigest()
+    back = assemble(wires)
     for (n0, t0), (n1, t1) in zip(tensors, back):
         assert n0 == n1 and t0.dtype == t1.dtype and torch.equal(t0, t1)
 
 
 def test_combine_skips_ranks_that_sent_nothing_and_catches_a_changed_piece():
     tensors = [("w", torch.arange(10.0)), ("b", torch.ones(3))]
-    whole = Fingerprint()
-    for name, t in tensors:
-        whole.update(name, t)
     gathered = Fingerprint.combine([_records(tensors, tensors), []])  # rank 0 sent it all
-    assert gathered.hexdigest() == whole.hexdigest()
+    assert gathered.hexdigest() == _fp(tensors).hexdigest()
     ranks = _pieces(tensors, 2)
     ranks[1][0] = ("w", ranks[1][0][1] + 1e-3)
     changed = Fingerprint.combine([_records(p, tensors) for p in ranks])
-    assert changed.hexdigest() != whole.hexdigest()
+    assert changed.hexdigest() != _split_fp(tensors, 2).hexdigest()
+    swapped = Fingerprint.combine([_records(p, tensors) for p in _pieces(tensors, 2)[::-1]])
+    assert swapped.hexdigest() != _split_fp(tensors, 2).hexdigest()  # pieces out of rank order
 
 
 def test_combine_raises_when_ranks_disagree_on_a_tensor():

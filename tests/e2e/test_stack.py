@@ -84,7 +84,7 @@ def test_engine_logprobs_agree_with_trainer(stack):
 
 def test_first_ppo_update_has_zero_kl_and_clipfrac(stack):
     cfg, roles, tok = stack
-    before = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
+    before = roles.policy_fingerprint()
     rollout = _rollout(roles, tok, seed=1)
     algo = cfg.algorithm
     exp, _ = make_experience(rollout, roles.score(rollout), algo, algo.kl_coef)
@@ -94,7 +94,7 @@ def test_first_ppo_update_has_zero_kl_and_clipfrac(stack):
     assert abs(policy_stats.approx_kl) < 1e-6
     assert policy_stats.clipfrac == 0.0
     assert critic_stats.loss > 0
-    after = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
+    after = roles.policy_fingerprint()
     assert after != before  # the update changed the weights
 
 
@@ -107,7 +107,7 @@ def test_broadcast_sync_fingerprints_match(stack):
     assert sent.num_buckets > 1 and sent.num_tensors == len(
         ray.get(roles.policy[0].param_metas.remote())
     )
-    trainer_fp = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
+    trainer_fp = roles.policy_fingerprint()
     assert sent.fingerprint == trainer_fp
     for engine_fps in out[len(roles.policy) :]:
         assert engine_fps == [trainer_fp]
@@ -118,7 +118,8 @@ def test_object_store_sync_streams_verified_weights(stack, max_in_flight, gather
     """Both ways to send: each rank its ZeRO-3 pieces (default), or rank 0 the gathered whole."""
     cfg, roles, tok = stack
     sent = roles.sync_through_store(cfg.sync.bucket_mb, max_in_flight, gather)
-    trainer_fp = ray.get([p.fingerprint.remote(1.0) for p in roles.policy])[0]
+    parts = 1 if gather else len(roles.policy)  # the digest names how the tensors were split
+    trainer_fp = roles.policy_fingerprint(parts)
     assert sent.num_buckets > 1 and sent.fingerprint == trainer_fp
     # The engines loaded what the trainer holds: their sampling logprobs are the trainer's.
     rollout = _rollout(roles, tok, seed=5)
