@@ -55,7 +55,7 @@ class WeightSyncExtension:
         model = self.model_runner.get_model()
         if index == 0:
             if not hasattr(self, "_rr_hasher"):
-                self._rr_hasher = ThreadPoolExecutor(1, thread_name_prefix="rayrlhf-crc")
+                self._rr_hasher = ThreadPoolExecutor(1, thread_name_prefix="rayrlhf-hash")
             self._rr_received = Fingerprint(self._rr_hasher)
             initialize_layerwise_reload(model)
         wires = ray.get([r[0] for r in wire_refs if r])
