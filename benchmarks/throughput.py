@@ -148,11 +148,14 @@ SYNC_MODES = {
 }
 
 
-def sync_compare(cfg: TrainConfig, reps: int = 3) -> dict:
-    """Each of SYNC_MODES on the same actors (object-store transport), median of `reps`."""
+def sync_compare(cfg: TrainConfig, reps: int = 5, warmup: int = 2) -> dict:
+    """Each of SYNC_MODES on the same actors (object-store transport), median of `reps`, after
+    `warmup` syncs: a process's first syncs run up to 1.7x slower while its allocators and
+    object-store mappings grow, and a training run does hundreds."""
     roles = Roles(cfg)
     try:
-        roles.sync_weights()  # warm-up: first gathers, first reload
+        for _ in range(warmup):
+            roles.sync_weights()
         # What each mode must send, from the trainer's gathered weights: whole tensors, or each
         # rank's piece of them (the fingerprint names the split).
         world = len(roles.policy)
