@@ -123,9 +123,11 @@ class Fingerprint:
         self.num_bytes = 0
         self.num_tensors = 0
 
-    def update(self, name: str, tensor: Tensor) -> None:
-        """A whole tensor: one piece."""
-        self.add_pieces(name, dtype_name(tensor.dtype), tuple(tensor.shape), [raw_bytes(tensor)])
+    def update(self, name: str, tensor: Tensor, parts: int = 1) -> None:
+        """A whole tensor, hashed in the pieces `parts` ZeRO-3 ranks send (`split_pieces`):
+        what a sync from that many ranks must arrive at. One piece by default."""
+        pieces = [raw_bytes(p) for p in split_pieces(tensor, parts)]
+        self.add_pieces(name, dtype_name(tensor.dtype), tuple(tensor.shape), pieces)
 
     def add_pieces(
         self, name: str, dtype: str, shape: tuple[int, ...], pieces: list[np.ndarray]

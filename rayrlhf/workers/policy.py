@@ -25,7 +25,6 @@ from rayrlhf.cluster.weight_sync import (
     dtype_name,
     raw_bytes,
     send_broadcast,
-    split_pieces,
     to_wire,
 )
 from rayrlhf.config import AlgorithmConfig
@@ -208,6 +207,5 @@ class PolicyWorker(DeepSpeedRole):
         fp = Fingerprint()
         for bucket in self.gathered_buckets(int(bucket_mb * 2**20)):
             for name, t in bucket:
-                pieces = [raw_bytes(p) for p in split_pieces(t, parts)]
-                fp.add_pieces(name, dtype_name(t.dtype), tuple(t.shape), pieces)
+                fp.update(name, t, parts)
         return fp.hexdigest() if self.spec.rank == 0 else None

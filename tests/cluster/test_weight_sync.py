@@ -350,8 +350,7 @@ def _split_fp(tensors, parts):
     """The fingerprint of `tensors` as `parts` ranks send them, built from the whole tensors."""
     fp = Fingerprint()
     for name, t in tensors:
-        pieces = [raw_bytes(p) for p in split_pieces(t, parts)]
-        fp.add_pieces(name, dtype_name(t.dtype), tuple(t.shape), pieces)
+        fp.update(name, t, parts)
     return fp
 
 
