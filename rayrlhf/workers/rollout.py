@@ -59,6 +59,9 @@ class RolloutEngine:
             enable_prefix_caching=False,
             **kv,
         )
+        # Each vLLM worker hashes the weights it receives on its share of the engine's CPUs.
+        threads = max(1, int(cfg.resources.num_cpus) // cfg.tensor_parallel_size)
+        self.llm.collective_rpc("rr_init_hashing", args=(threads,))
         # The first generate pays vLLM's one-off warm-up (~8 s on CPU); pay it at start-up so
         # step times measure steps.
         self.generate([[0]], seed=0, greedy=True)

@@ -48,15 +48,24 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter
 class WeightSyncExtension:
     """Receives weights from the trainer and verifies them."""
 
+    def rr_init_hashing(self, threads: int) -> None:
+        """Hash what arrives on `threads` threads, off the loading thread. One BLAKE3 thread
+        hashes about 5 GB/s, so an 8B model's 16 GB would take 3 s per sync on one; the pieces
+        of a bucket hash in parallel on a GPU node's CPUs."""
+        self._rr_hasher = ThreadPoolExecutor(threads, thread_name_prefix="rayrlhf-hash")
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if not hasattr(self, "_rr_hasher"):
+            self.rr_init_hashing(1)
+        return self._rr_hasher
+
     def rr_load_bucket(self, index: int, wire_refs: tuple[list | None, ...]) -> None:
         """Object store: load one bucket from the ranks' pieces (`[ref]` or None per trainer
-        rank); index 0 opens a session. The pieces are hashed as they arrived, on a second
-        thread, while the joined tensors load."""
+        rank); index 0 opens a session. The pieces are hashed as they arrived, on the hashing
+        threads, while the joined tensors load."""
         model = self.model_runner.get_model()
         if index == 0:
-            if not hasattr(self, "_rr_hasher"):
-                self._rr_hasher = ThreadPoolExecutor(1, thread_name_prefix="rayrlhf-hash")
-            self._rr_received = Fingerprint(self._rr_hasher)
+            self._rr_received = Fingerprint(self._hasher())
             initialize_layerwise_reload(model)
         wires = ray.get([r[0] for r in wire_refs if r])
         self._rr_received.add_wires(wires)
@@ -92,7 +101,7 @@ class WeightSyncExtension:
 
     def rr_receive_broadcast(self, verify: bool) -> str:
         """Receive one sync over the group; return the fingerprint of what was loaded."""
-        fp = Fingerprint()
+        fp = Fingerprint(self._hasher())
         stream = receive_broadcast(self._rr_group, self._rr_plan, self._rr_device, fp)
         self.model_runner.reload_weights(weights_iterator=stream)
         expected = receive_digest(self._rr_group, self._rr_device)

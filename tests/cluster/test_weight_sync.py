@@ -405,13 +405,14 @@ def test_combine_raises_when_ranks_disagree_on_a_tensor():
         Fingerprint.combine([r0, r1])
 
 
-def test_fingerprint_hashed_on_a_thread_pool_equals_inline():
+@pytest.mark.parametrize("threads", [1, 4])
+def test_fingerprint_hashed_on_a_thread_pool_equals_inline(threads):
     from concurrent.futures import ThreadPoolExecutor
 
     g = torch.Generator().manual_seed(3)
-    tensors = [(f"t{i}", torch.randn(1000 + i, generator=g)) for i in range(20)]
+    tensors = [(f"t{i}", torch.randn(1000 + 997 * i, generator=g)) for i in range(20)]
     inline = Fingerprint()
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         background = Fingerprint(pool)
         for name, t in tensors:
             inline.update(name, t)
