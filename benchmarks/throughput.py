@@ -165,7 +165,7 @@ def sync_compare(cfg: TrainConfig, reps: int = 5, warmup: int = 2) -> dict:
             seconds = []
             for _ in range(reps):
                 start = time.perf_counter()
-                result = roles.sync_weights(mb, ahead, gather)
+                result = roles.sync_weights(mb, ahead, gather, hash_bytes=True)
                 seconds.append(time.perf_counter() - start)
             timings[name] = {"seconds": statistics.median(seconds), "buckets": result.num_buckets}
             same &= result.fingerprint == expected[gather]

@@ -153,6 +153,8 @@ class SyncResult:
     """Parameters sent."""
     num_buckets: int
     """Gather-and-send rounds."""
+    hashed: bool = True
+    """Whether the fingerprint covers the bytes (see `sync.verify_every`) or only the records."""
 
 
 def shard_rows(batch, n: int) -> list:

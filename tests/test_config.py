@@ -179,8 +179,15 @@ def test_parse_overrides_scientific_notation_is_float():
 
 
 def test_override_bool_string_reaches_bool_field():
-    assert load_config(None, ["sync.verify=true"]).sync.verify is True
-    assert load_config(None, ["sync.verify=false"]).sync.verify is False
+    assert load_config(None, ["metrics.plots=true"]).metrics.plots is True
+    assert load_config(None, ["metrics.plots=false"]).metrics.plots is False
+
+
+def test_sync_verify_every_is_a_positive_period():
+    assert load_config(None, []).sync.verify_every == 1  # every byte of every sync by default
+    assert load_config(None, ["sync.verify_every=10"]).sync.verify_every == 10
+    with pytest.raises(ConfigError, match="verify_every"):
+        load_config(None, ["sync.verify_every=0"])  # the first sync is always hashed
 
 
 @pytest.mark.parametrize("bad", ["policy.lr", "=3", "policy.lr:3"])

@@ -68,6 +68,7 @@ class Roles:
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
         self._num_buckets: dict[float, int] = {}
+        self._syncs = 0  # syncs so far: every `sync.verify_every`-th hashes the bytes
         self.placement_groups: list = []
         pol, crt = cfg.policy, cfg.active_critic
         self.policy = self._zero3_group(
@@ -210,23 +211,28 @@ class Roles:
         bucket_mb: float | None = None,
         max_in_flight: int | None = None,
         gather: bool = False,
+        hash_bytes: bool | None = None,
     ) -> SyncResult:
-        """Push the policy's new weights into every engine and verify them there.
+        """Push the policy's new weights into every engine and verify them there: the bytes on
+        the first and every `sync.verify_every`-th sync, names, dtypes, shapes and sizes always.
 
-        `bucket_mb`, `max_in_flight` and `gather` are for the benchmark's baselines (see
-        `sync_through_store`); the broadcast transport's bucket plan is fixed at start-up.
+        `bucket_mb`, `max_in_flight`, `gather` and `hash_bytes` are for the benchmark's
+        baselines (see `sync_through_store`); the broadcast's bucket plan is fixed at start-up.
         """
         sync = self.cfg.sync
         mb = bucket_mb or sync.bucket_mb
+        if hash_bytes is None:
+            hash_bytes = self._syncs % sync.verify_every == 0
+        self._syncs += 1
         if sync.transport == "object_store":
             ahead = sync.max_in_flight if max_in_flight is None else max_in_flight
-            return self.sync_through_store(mb, ahead, gather)
-        calls = [a.broadcast_weights.remote(mb) for a in self.policy]
-        calls += [e.receive_weights.remote(sync.verify) for e in self.engines]
+            return self.sync_through_store(mb, ahead, gather, hash_bytes)
+        calls = [a.broadcast_weights.remote(mb, hash_bytes) for a in self.policy]
+        calls += [e.receive_weights.remote(hash_bytes) for e in self.engines]
         return self.get(calls, "sync")[0]
 
     def sync_through_store(
-        self, bucket_mb: float, max_in_flight: int, gather: bool = False
+        self, bucket_mb: float, max_in_flight: int, gather: bool = False, hash_bytes: bool = True
     ) -> SyncResult:
         """Stream buckets: every rank puts its partition of bucket k and every engine loads it as
         soon as the pieces are there, while the ranks put k+1; at most `max_in_flight` buckets
@@ -237,15 +243,15 @@ class Roles:
             self._num_buckets[bucket_mb] = n
         pending: deque[list] = deque()
         for k in range(self._num_buckets[bucket_mb]):
-            put = [a.put_bucket.remote(k, bucket_mb, gather) for a in self.policy]
-            pending.append(put + [e.load_bucket.remote(k, *put) for e in self.engines])
+            put = [a.put_bucket.remote(k, bucket_mb, gather, hash_bytes) for a in self.policy]
+            pending.append(put + [e.load_bucket.remote(k, hash_bytes, *put) for e in self.engines])
             while len(pending) > max_in_flight:
                 self.get(pending.popleft(), "sync")
         for refs in pending:
             self.get(refs, "sync")
         rank0, others = self.policy[0], self.policy[1:]
         sent = rank0.sync_result.remote(*[a.sent_records.remote() for a in others])
-        self.get([e.finish_load.remote(sent, self.cfg.sync.verify) for e in self.engines], "sync")
+        self.get([e.finish_load.remote(sent) for e in self.engines], "sync")
         return self.get(sent, "sync")
 
     def policy_fingerprint(self, parts: int = 1) -> str:

@@ -97,7 +97,8 @@ def digest(raw: np.ndarray) -> bytes:
 
 
 PieceRecord = tuple[str, str, tuple[int, ...], bytes, int]
-"""What a rank sent of one tensor: (name, dtype, full shape, digest of its piece, piece bytes)."""
+"""What a rank sent of one tensor: (name, dtype, full shape, digest of its piece or b"" when
+bytes are not hashed, piece bytes)."""
 
 
 class Fingerprint:
@@ -112,16 +113,22 @@ class Fingerprint:
     CRC-32 and 1.6 GB/s for SHA-256, and its 128 bits leave no chance of two different weights
     colliding. The bytes are read in place, never copied. Joining the pieces is not covered:
     tests check it bit for bit, and each step's `rollout/engine_logprob_diff` checks the result.
+
+    With `hash_bytes` off, the records keep everything but the hashes (names, dtypes, shapes and
+    piece sizes, in order): a check that costs nothing and still catches a missing, extra,
+    reordered or truncated tensor.
     """
 
-    def __init__(self, pool: Executor | None = None) -> None:
+    def __init__(self, pool: Executor | None = None, hash_bytes: bool = True) -> None:
         """`pool`: hash there, off the caller's thread, so that an engine hashes bucket k while
         it loads it; `hexdigest` waits for the results."""
         self._h = hashlib.sha256()
         self._pool = pool
-        self._pending: deque[tuple[str, str, tuple[int, ...], list[bytes | Future[bytes]]]] = (
-            deque()
-        )
+        self.hash_bytes = hash_bytes
+        # (name, dtype, shape, piece sizes, piece digests or the futures computing them)
+        self._pending: deque[
+            tuple[str, str, tuple[int, ...], list[int], list[bytes | Future[bytes]]]
+        ] = deque()
         self.num_bytes = 0
         self.num_tensors = 0
 
@@ -135,9 +142,13 @@ class Fingerprint:
         self, name: str, dtype: str, shape: tuple[int, ...], pieces: list[np.ndarray]
     ) -> None:
         """One tensor that arrived as `pieces` (raw bytes, in rank order)."""
-        hash_ = digest if self._pool is None else lambda p: self._pool.submit(digest, p)
-        digests = [hash_(p) for p in pieces]
-        self._add(name, dtype, shape, digests, sum(p.nbytes for p in pieces))
+        if not self.hash_bytes:
+            digests = [b""] * len(pieces)
+        elif self._pool is None:
+            digests = [digest(p) for p in pieces]
+        else:
+            digests = [self._pool.submit(digest, p) for p in pieces]
+        self._add(name, dtype, shape, [p.nbytes for p in pieces], digests)
 
     def add_wires(self, wires: list[WireBucket]) -> None:
         """One bucket as it arrived: one wire per sending rank, in rank order."""
@@ -146,18 +157,18 @@ class Fingerprint:
             self.add_pieces(name, dtype, shape, [p[3] for p in pieces])
 
     def _add(
-        self, name: str, dtype: str, shape: tuple[int, ...], digests: list, nbytes: int
+        self, name: str, dtype: str, shape: tuple[int, ...], sizes: list[int], digests: list
     ) -> None:
-        self._pending.append((name, dtype, shape, digests))
-        self.num_bytes += nbytes
+        self._pending.append((name, dtype, shape, sizes, digests))
+        self.num_bytes += sum(sizes)
         self.num_tensors += 1
 
     def _digest(self) -> hashlib._Hash:
         """The SHA-256 state with every record so far hashed in, in order."""
         while self._pending:
-            name, dtype, shape, digests = self._pending.popleft()
+            name, dtype, shape, sizes, digests = self._pending.popleft()
             hexes = ",".join((d if isinstance(d, bytes) else d.result()).hex() for d in digests)
-            self._h.update(f"{name}|{dtype}|{shape}|{hexes};".encode())
+            self._h.update(f"{name}|{dtype}|{shape}|{sizes}|{hexes};".encode())
         return self._h
 
     @classmethod
@@ -170,7 +181,7 @@ class Fingerprint:
             for other in pieces[1:]:
                 if other[:3] != (name, dtype, shape):
                     raise WeightSyncError(f"ranks sent different tensors: {other[:3]} vs {name}")
-            fp._add(name, dtype, shape, [p[3] for p in pieces], sum(p[4] for p in pieces))
+            fp._add(name, dtype, shape, [p[4] for p in pieces], [p[3] for p in pieces])
         return fp
 
     def hexdigest(self) -> str:
@@ -245,11 +256,11 @@ def assemble(wires: list[WireBucket]) -> list[tuple[str, Tensor]]:
 
 
 def send_broadcast(
-    group, buckets: Iterable[list[tuple[str, Tensor]]], device: torch.device
+    group, buckets: Iterable[list[tuple[str, Tensor]]], device: torch.device, hash_bytes: bool
 ) -> tuple[Fingerprint, int]:
     """Sender (trainer rank 0, group rank 0): broadcast each bucket, then the digest.
     Returns the fingerprint and the number of buckets sent."""
-    fp, sent = Fingerprint(), 0
+    fp, sent = Fingerprint(hash_bytes=hash_bytes), 0
     for bucket in buckets:
         for name, t in bucket:
             fp.update(name, t)

@@ -146,7 +146,9 @@ class PolicyWorker(DeepSpeedRole):
     def num_buckets(self, bucket_mb: float) -> int:
         return len(self.bucket_plan(int(bucket_mb * 2**20)))
 
-    def put_bucket(self, index: int, bucket_mb: float, gather: bool = False) -> list | None:
+    def put_bucket(
+        self, index: int, bucket_mb: float, gather: bool = False, hash_bytes: bool = True
+    ) -> list | None:
         """Object-store transport, every rank: hash and `ray.put` this rank's ZeRO-3 partition
         of bucket `index`, straight from DeepSpeed's buffer (no collective, no copy); engines
         join the ranks' pieces. `gather` is peers' way, kept as the benchmark's baseline: gather
@@ -157,6 +159,7 @@ class PolicyWorker(DeepSpeedRole):
         if index == 0:
             self._sent: list[PieceRecord] = []
             self._sent_buckets = 0
+            self._hashed = hash_bytes
         if not gather:
             return self._put(self.local_pieces(metas), metas)
         with self.gathered(metas) as bucket:
@@ -168,7 +171,8 @@ class PolicyWorker(DeepSpeedRole):
         pieces = [(name, t.detach().cpu()) for name, t in pieces]  # GPU: one copy, for both uses
         for (name, t), m in zip(pieces, metas):
             raw = raw_bytes(t)
-            self._sent.append((name, dtype_name(m.dtype), m.shape, digest(raw), raw.nbytes))
+            hashed = digest(raw) if self._hashed else b""
+            self._sent.append((name, dtype_name(m.dtype), m.shape, hashed, raw.nbytes))
         self._sent_buckets += 1
         return [ray.put(to_wire(pieces, [m.shape for m in metas]))]
 
@@ -179,7 +183,9 @@ class PolicyWorker(DeepSpeedRole):
     def sync_result(self, *other_ranks: list[PieceRecord]) -> SyncResult:
         """Rank 0, given the other ranks' `sent_records`: what the sync sent, as a whole."""
         fp = Fingerprint.combine([self._sent, *other_ranks])
-        return SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, self._sent_buckets)
+        return SyncResult(
+            fp.hexdigest(), fp.num_bytes, fp.num_tensors, self._sent_buckets, self._hashed
+        )
 
     def sync_plan(self, bucket_mb: float) -> list[list[ParamMeta]]:
         """The bucket plan both ends of a broadcast sync follow."""
@@ -190,15 +196,15 @@ class PolicyWorker(DeepSpeedRole):
         self._sync_device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
         self._sync_group = new_group(backend, host, port, 0, world_size)
 
-    def broadcast_weights(self, bucket_mb: float) -> SyncResult | None:
+    def broadcast_weights(self, bucket_mb: float, hash_bytes: bool = True) -> SyncResult | None:
         """Broadcast transport: gather buckets (all ranks), rank 0 broadcasts. Collective."""
         buckets = self.gathered_buckets(int(bucket_mb * 2**20))
         if self.spec.rank != 0:
             for _ in buckets:
                 pass
             return None
-        fp, n = send_broadcast(self._sync_group, buckets, self._sync_device)
-        return SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, n)
+        fp, n = send_broadcast(self._sync_group, buckets, self._sync_device, hash_bytes)
+        return SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, n, hash_bytes)
 
     def fingerprint(self, bucket_mb: float, parts: int = 1) -> str | None:
         """Fingerprint of the current full weights as a sync sends them: each tensor whole

@@ -94,16 +94,16 @@ class RolloutEngine:
             samples.append(Sample(list(p), ids, lps, o.text, self.index))
         return samples
 
-    def load_bucket(self, index: int, *wire_refs: list | None) -> None:
+    def load_bucket(self, index: int, hash_bytes: bool, *wire_refs: list | None) -> None:
         """Object-store transport: load bucket `index` from the pieces the trainer ranks put
         (their `put_bucket` results, in rank order); Ray starts this call once they are all
         there."""
-        self.llm.collective_rpc("rr_load_bucket", args=(index, wire_refs))
+        self.llm.collective_rpc("rr_load_bucket", args=(index, hash_bytes, wire_refs))
 
-    def finish_load(self, sent: SyncResult, verify: bool) -> list[str]:
-        """Object-store transport: end the sync; one fingerprint per vLLM worker."""
-        expected = sent.fingerprint if verify else None
-        return self.llm.collective_rpc("rr_finish_load", args=(expected,))
+    def finish_load(self, sent: SyncResult) -> list[str]:
+        """Object-store transport: end the sync and check it against what the trainer sent;
+        one fingerprint per vLLM worker."""
+        return self.llm.collective_rpc("rr_finish_load", args=(sent.fingerprint,))
 
     def num_workers(self) -> int:
         """vLLM workers in this engine (= tensor-parallel size): members of a sync group."""
@@ -123,6 +123,7 @@ class RolloutEngine:
             "rr_init_group", args=(host, port, rank_offset, world_size, backend, plan)
         )
 
-    def receive_weights(self, verify: bool) -> list[str]:
-        """Broadcast transport: receive one sync; runs while the trainer broadcasts."""
-        return self.llm.collective_rpc("rr_receive_broadcast", args=(verify,))
+    def receive_weights(self, hash_bytes: bool) -> list[str]:
+        """Broadcast transport: receive one sync and check it; runs while the trainer
+        broadcasts."""
+        return self.llm.collective_rpc("rr_receive_broadcast", args=(hash_bytes,))

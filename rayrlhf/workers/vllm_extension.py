@@ -59,25 +59,25 @@ class WeightSyncExtension:
             self.rr_init_hashing(1)
         return self._rr_hasher
 
-    def rr_load_bucket(self, index: int, wire_refs: tuple[list | None, ...]) -> None:
+    def rr_load_bucket(
+        self, index: int, hash_bytes: bool, wire_refs: tuple[list | None, ...]
+    ) -> None:
         """Object store: load one bucket from the ranks' pieces (`[ref]` or None per trainer
         rank); index 0 opens a session. The pieces are hashed as they arrived, on the hashing
         threads, while the joined tensors load."""
         model = self.model_runner.get_model()
         if index == 0:
-            self._rr_received = Fingerprint(self._hasher())
+            self._rr_received = Fingerprint(self._hasher(), hash_bytes)
             initialize_layerwise_reload(model)
         wires = ray.get([r[0] for r in wire_refs if r])
         self._rr_received.add_wires(wires)
         model.load_weights(assemble(wires))
 
-    def rr_finish_load(self, expected: str | None) -> str:
+    def rr_finish_load(self, expected: str) -> str:
         """Object store: close the session (process what is left, e.g. attention layers) and
         compare what was loaded with what the trainer sent."""
         finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
-        if expected is not None:
-            check_fingerprint(expected, self._rr_received, f"vLLM worker rank {self.rank}")
-        return self._rr_received.hexdigest()
+        return check_fingerprint(expected, self._rr_received, f"vLLM worker rank {self.rank}")
 
     def rr_init_group(
         self,
@@ -99,12 +99,10 @@ class WeightSyncExtension:
         )
         return rank
 
-    def rr_receive_broadcast(self, verify: bool) -> str:
+    def rr_receive_broadcast(self, hash_bytes: bool) -> str:
         """Receive one sync over the group; return the fingerprint of what was loaded."""
-        fp = Fingerprint(self._hasher())
+        fp = Fingerprint(self._hasher(), hash_bytes)
         stream = receive_broadcast(self._rr_group, self._rr_plan, self._rr_device, fp)
         self.model_runner.reload_weights(weights_iterator=stream)
         expected = receive_digest(self._rr_group, self._rr_device)
-        if verify:
-            check_fingerprint(expected, fp, f"vLLM worker rank {self.rank}")
-        return fp.hexdigest()
+        return check_fingerprint(expected, fp, f"vLLM worker rank {self.rank}")

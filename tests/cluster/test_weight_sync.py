@@ -234,7 +234,7 @@ def _sync_worker(rank, port, default_port, plan, buckets, results):
         group = collective.new_group("gloo", "127.0.0.1", port, rank, WORLD, timeout_s=TIMEOUT_S)
         cpu = torch.device("cpu")
         if rank == 0:
-            fp, n = send_broadcast(group, iter(buckets), cpu)
+            fp, n = send_broadcast(group, iter(buckets), cpu, hash_bytes=True)
             # the default group is untouched and still usable
             x = torch.ones(2)
             dist.all_reduce(x)
@@ -395,6 +395,32 @@ def test_combine_skips_ranks_that_sent_nothing_and_catches_a_changed_piece():
     assert changed.hexdigest() != _split_fp(tensors, 2).hexdigest()
     swapped = Fingerprint.combine([_records(p, tensors) for p in _pieces(tensors, 2)[::-1]])
     assert swapped.hexdigest() != _split_fp(tensors, 2).hexdigest()  # pieces out of rank order
+
+
+def test_fingerprint_without_hashing_keeps_the_records():
+    """`hash_bytes` off: the same for any bytes, different for any other tensor list."""
+
+    def unhashed(tensors, parts=2, records=False):
+        if records:  # what the trainer ranks record when not hashing
+            ranks = _pieces(tensors, parts)
+            return Fingerprint.combine(
+                [[(*r[:3], b"", r[4]) for r in _records(p, tensors)] for p in ranks]
+            ).hexdigest()
+        fp = Fingerprint(hash_bytes=False)  # what the engine computes from the wires
+        fp.add_wires(
+            [to_wire(p, [tuple(t.shape) for _, t in tensors]) for p in _pieces(tensors, parts)]
+        )
+        return fp.hexdigest()
+
+    a = _tensors()
+    base = unhashed(a)
+    assert unhashed(a, records=True) == base  # trainer and engine agree
+    assert unhashed([(n, t + 1) for n, t in a]) == base  # bytes are not covered
+    assert base != _split_fp(a, 2).hexdigest()
+    assert unhashed(a[:2]) != base  # a tensor missing
+    assert unhashed([a[1], a[0], a[2]]) != base  # out of order
+    assert unhashed([("w1", a[0][1].reshape(3, 4))] + a[1:]) != base  # another shape
+    assert unhashed(a, parts=3) != base  # another split
 
 
 def test_combine_raises_when_ranks_disagree_on_a_tensor():

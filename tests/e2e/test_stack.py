@@ -128,10 +128,13 @@ def test_object_store_sync_streams_verified_weights(stack, max_in_flight, gather
     assert diff.max().item() < LOGPROB_TOL
 
 
-def _put_all(roles, bucket_mb):
+def _put_all(roles, bucket_mb, hash_bytes=True):
     """Every rank's pieces of every bucket (`put_bucket` results, rank order) and what was sent."""
     n = ray.get(roles.policy[0].num_buckets.remote(bucket_mb))
-    puts = [ray.get([p.put_bucket.remote(k, bucket_mb) for p in roles.policy]) for k in range(n)]
+    puts = [
+        ray.get([p.put_bucket.remote(k, bucket_mb, False, hash_bytes) for p in roles.policy])
+        for k in range(n)
+    ]
     others = [p.sent_records.remote() for p in roles.policy[1:]]
     return puts, ray.get(roles.policy[0].sync_result.remote(*others))
 
@@ -146,13 +149,34 @@ def test_corrupted_sync_is_detected(stack):
     bad = raw.copy()
     bad.view("float32")[0] += 1e-3  # one element, slightly off: the silent kind of corruption
     corrupted = [[*puts[0][:-1], [ray.put([(name, dtype, shape, bad), *piece[1:]])]], *puts[1:]]
-    ray.get([engine.load_bucket.remote(k, *refs) for k, refs in enumerate(corrupted)])
+    ray.get([engine.load_bucket.remote(k, True, *refs) for k, refs in enumerate(corrupted)])
     with pytest.raises(ray.exceptions.RayTaskError) as err:
-        ray.get(engine.finish_load.remote(sent, True))
+        ray.get(engine.finish_load.remote(sent))
     assert isinstance(err.value.cause, WeightSyncError) or "fingerprint mismatch" in str(err.value)
     # Restore the right weights for the tests below.
-    ray.get([engine.load_bucket.remote(k, *refs) for k, refs in enumerate(puts)])
-    assert ray.get(engine.finish_load.remote(sent, True)) == [sent.fingerprint]
+    ray.get([engine.load_bucket.remote(k, True, *refs) for k, refs in enumerate(puts)])
+    assert ray.get(engine.finish_load.remote(sent)) == [sent.fingerprint]
+
+
+def test_sync_without_hashing_still_checks_every_tensor_arrived(stack):
+    """Between byte checks (`sync.verify_every`) a sync hashes nothing but still compares names,
+    dtypes, shapes and sizes: an engine that missed a bucket stops the run."""
+    cfg, roles, tok = stack
+    sent = roles.sync_through_store(cfg.sync.bucket_mb, 2, False, hash_bytes=False)
+    assert not sent.hashed and sent.num_tensors > 0
+    assert sent.fingerprint != roles.policy_fingerprint(len(roles.policy))  # no bytes in it
+    rollout = _rollout(roles, tok, seed=6)
+    mask = rollout.action_mask.bool()
+    diff = (rollout.engine_logprobs - roles.score(rollout).old_logprobs).abs()[mask]
+    assert diff.max().item() < LOGPROB_TOL
+    engine = roles.engines[0]
+    puts, sent = _put_all(roles, cfg.sync.bucket_mb, hash_bytes=False)
+    ray.get([engine.load_bucket.remote(k, False, *refs) for k, refs in enumerate(puts[:-1])])
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(engine.finish_load.remote(sent))
+    assert isinstance(err.value.cause, WeightSyncError) or "fingerprint mismatch" in str(err.value)
+    ray.get([engine.load_bucket.remote(k, False, *refs) for k, refs in enumerate(puts)])
+    assert ray.get(engine.finish_load.remote(sent)) == [sent.fingerprint]
 
 
 def test_greedy_vllm_equals_hf_after_sync(stack, tmp_path):
