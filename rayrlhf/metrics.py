@@ -112,6 +112,7 @@ def step_record(
         "perf/orchestration_overhead": max(0.0, 1 - timer.critical_path / total),
         "sync/bytes": sync.num_bytes,
         "sync/buckets": sync.num_buckets,
+        "sync/hashed": float(sync.hashed),  # 1 on the syncs that checked every byte
         "sync/gb_per_sec": sync.num_bytes / 1e9 / max(timer.seconds.get("sync", 0), 1e-9),
     }
     rec.update({f"time/{k}": v for k, v in timer.seconds.items()})

@@ -67,6 +67,7 @@ def test_orchestration_overhead_is_step_minus_busiest_role_per_phase():
     assert rec["perf/tokens_per_sec"] == pytest.approx(100 / 6.6)
     assert rec["perf/tokens_trained"] == 600  # 300 tokens x 2 epochs
     assert rec["busy/train_policy"] == 2.7 and rec["time/sync"] == 0.5
+    assert rec["sync/hashed"] == 1.0 and rec["sync/bytes"] == 4_000_000
 
 
 def _scrape(url: str) -> dict[str, float]:
