@@ -146,7 +146,8 @@ class SyncResult:
     """What one weight sync moved, and its verification."""
 
     fingerprint: str
-    """`Fingerprint` hex digest over every (name, dtype, shape, bytes) sent, in order."""
+    """`Fingerprint` hex digest over what was sent, in order: each tensor's name, dtype, shape,
+    piece sizes and, when `hashed`, the BLAKE3 of each piece."""
     num_bytes: int
     """Bytes of parameters sent."""
     num_tensors: int
