@@ -4,7 +4,7 @@
     score      reward, reference logprobs, old policy logprobs and critic values, concurrently
     advantage  per-token k1 KL penalty + terminal reward -> GAE -> whitened advantages
     train      clipped PPO policy loss and clipped value loss, `ppo_epochs` passes, concurrently
-    sync       gather ZeRO-3 buckets -> every engine, verified by fingerprint
+    sync       each rank's ZeRO-3 pieces, a bucket at a time -> every engine, fingerprint-checked
 
 Departure from the textbook: old logprobs are recomputed by the trainer rather than taken from
 vLLM, so the importance ratio compares like with like; the engine's own logprobs are logged as
