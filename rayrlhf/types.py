@@ -147,7 +147,7 @@ class SyncResult:
 
     fingerprint: str
     """`Fingerprint` hex digest over what was sent, in order: each tensor's name, dtype, shape,
-    piece sizes and, when `hashed`, the BLAKE3 of each piece."""
+    piece sizes and, when `hashed`, the XXH3-128 of each piece."""
     num_bytes: int
     """Bytes of parameters sent."""
     num_tensors: int

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from blake3 import blake3
+import xxhash
 from torch import Tensor
 
 from rayrlhf.cluster.collective import broadcast
@@ -92,8 +92,8 @@ def raw_bytes(tensor: Tensor) -> np.ndarray:
 
 
 def digest(raw: np.ndarray) -> bytes:
-    """BLAKE3 (128 bits) of a byte buffer, read in place; the GIL is released while it runs."""
-    return blake3(raw).digest(16)
+    """XXH3-128 of a byte buffer, read in place; the GIL is released while it runs."""
+    return xxhash.xxh3_128_digest(raw)
 
 
 PieceRecord = tuple[str, str, tuple[int, ...], bytes, int]
@@ -103,15 +103,17 @@ bytes are not hashed, piece bytes)."""
 
 class Fingerprint:
     """Order-sensitive digest of a weight stream: SHA-256 over one record per tensor, (name,
-    dtype, shape, BLAKE3 of the raw bytes of each piece it was sent in). A tensor sent whole is
+    dtype, shape, XXH3-128 of the raw bytes of each piece it was sent in). A tensor sent whole is
     one piece; ZeRO-3 ranks that each send their partition send `world_size` pieces
     (`split_pieces`), so the digest names the split as well as the bytes, and no rank or engine
     ever hashes more than it holds.
 
-    BLAKE3 because hashing was the largest cost of an engine's load (with CRC-32, 0.26 s of
-    0.44 s on the 100M model): it runs at 5.3 GB/s per core here, against 2.2 GB/s for zlib's
-    CRC-32 and 1.6 GB/s for SHA-256, and its 128 bits leave no chance of two different weights
-    colliding. The bytes are read in place, never copied. Joining the pieces is not covered:
+    XXH3-128 because hashing was the largest cost of an engine's load. It runs at 17 GB/s per
+    core here, about the speed of reading the memory, against 6.1 GB/s for BLAKE3 and 2.5 GB/s
+    for zlib's CRC-32. It is not a cryptographic hash: it detects corruption, truncation and
+    mix-ups, as RocksDB's and zstd's checksums do, not a forger, and nothing between trainer and
+    engine forges. Its 128 bits make two different weights colliding by accident impossible in
+    practice. The bytes are read in place, never copied. Joining the pieces is not covered:
     tests check it bit for bit, and each step's `rollout/engine_logprob_diff` checks the result.
 
     With `hash_bytes` off, the records keep everything but the hashes (names, dtypes, shapes and
