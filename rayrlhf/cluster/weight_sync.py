@@ -108,12 +108,12 @@ class Fingerprint:
     (`split_pieces`), so the digest names the split as well as the bytes, and no rank or engine
     ever hashes more than it holds.
 
-    XXH3-128 because hashing was the largest cost of an engine's load. It runs at 17 GB/s per
-    core here, about the speed of reading the memory, against 6.1 GB/s for BLAKE3 and 2.5 GB/s
-    for zlib's CRC-32. It is not a cryptographic hash: it detects corruption, truncation and
-    mix-ups, as RocksDB's and zstd's checksums do, not a forger, and nothing between trainer and
-    engine forges. Its 128 bits make two different weights colliding by accident impossible in
-    practice. The bytes are read in place, never copied. Joining the pieces is not covered:
+    XXH3-128 because hashing was once the largest cost of an engine's load. It runs at 17 GB/s
+    per core here, about as fast as memory is read, against 6.1 GB/s for BLAKE3 and 2.5 GB/s for
+    zlib's CRC-32. It is a checksum, not a cryptographic hash: it catches corruption, truncation
+    and mix-ups (RocksDB checksums its blocks with it), which is what can go wrong between trainer
+    and engine, and its 128 bits leave no practical chance that two different weights match. The
+    bytes are read in place, never copied. Joining the pieces is not covered:
     tests check it bit for bit, and each step's `rollout/engine_logprob_diff` checks the result.
 
     With `hash_bytes` off, the records keep everything but the hashes (names, dtypes, shapes and
