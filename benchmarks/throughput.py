@@ -11,10 +11,10 @@ Definitions:
     tokens_per_sec_per_device  total tokens / (step seconds x devices); a device is one actor's
                                GPU share, or its CPU bundle on a CPU-only machine
     orchestration_overhead     1 - (per phase, the busiest role's compute seconds) / step seconds
---sync-compare times the bucketed, streamed sync against peers' per-parameter sync (rank 0
-gathers one parameter and sends it, one RPC per engine, one wait at a time) and against two
-ablations, on the same actors, and the machine's memory-copy bandwidth measured in the same
-process: the physical limit here.
+--sync-compare times the bucketed, streamed sync (the run's transport: shared memory on one
+node) against peers' per-parameter sync (rank 0 gathers one parameter and puts it in the object
+store, one RPC per engine, one wait at a time) and against three ablations, on the same actors,
+and the machine's memory-copy bandwidth measured in the same process: the physical limit here.
 """
 
 from __future__ import annotations
@@ -136,51 +136,59 @@ def memcpy_gb_per_sec(nbytes: int, reps: int = 5) -> float:
 
 
 SYNC_MODES = {
-    # name: (bucket MiB or None for the config's, max_in_flight or None for the config's, gather)
-    "bucketed": (None, None, False),
-    # Peers' per-parameter sync: rank 0 gathers one parameter and sends it, one RPC per engine
-    # to load it, a wait for the load, next parameter.
-    "per_parameter": (1e-9, 0, True),
-    # Ablations, each one change away from "bucketed": one parameter per bucket (what bucketing
-    # buys), and rank 0 gathering and sending every bucket (what sending partitions buys).
-    "per_parameter_streamed": (1e-9, None, False),
-    "bucketed_gathered": (None, None, True),
+    # name: (bucket MiB or None for the config's, max_in_flight or None for the config's, gather,
+    #        transport or None for the run's)
+    "bucketed": (None, None, False, None),
+    # Peers' per-parameter sync: rank 0 gathers one parameter and puts it in the object store,
+    # one RPC per engine to load it, a wait for the load, next parameter.
+    "per_parameter": (1e-9, 0, True, "object_store"),
+    # Ablations, each one change away from "bucketed" through the object store (the transport
+    # across nodes, where the engines join the ranks' pieces): one parameter per bucket (what
+    # bucketing buys), and rank 0 gathering and sending every bucket (what sending partitions
+    # buys).
+    "bucketed_object_store": (None, None, False, "object_store"),
+    "per_parameter_streamed": (1e-9, None, False, "object_store"),
+    "bucketed_gathered": (None, None, True, "object_store"),
 }
 
 
 def sync_compare(cfg: TrainConfig, reps: int = 5, warmup: int = 2) -> dict:
-    """Each of SYNC_MODES on the same actors (object-store transport), median of `reps`, after
-    `warmup` syncs: a process's first syncs run up to 1.7x slower while its allocators and
-    object-store mappings grow, and a training run does hundreds."""
+    """Each of SYNC_MODES on the same actors, median of `reps`, after `warmup` syncs: a
+    process's first syncs run up to 1.7x slower while its allocators and shared-memory
+    mappings grow, and a training run does hundreds."""
     roles = Roles(cfg)
     try:
         for _ in range(warmup):
             roles.sync_weights()
+            roles.sync_weights(transport="object_store")
         # What each mode must send, from the trainer's gathered weights: whole tensors, or each
         # rank's piece of them (the fingerprint names the split).
         world = len(roles.policy)
         expected = {g: roles.policy_fingerprint(1 if g else world) for g in (True, False)}
         timings, same = {}, True
-        for name, (mb, ahead, gather) in SYNC_MODES.items():
+        for name, (mb, ahead, gather, transport) in SYNC_MODES.items():
             seconds = []
             for _ in range(reps):
                 start = time.perf_counter()
-                result = roles.sync_weights(mb, ahead, gather, hash_bytes=True)
+                result = roles.sync_weights(mb, ahead, gather, True, transport)
                 seconds.append(time.perf_counter() - start)
             timings[name] = {"seconds": statistics.median(seconds), "buckets": result.num_buckets}
             same &= result.fingerprint == expected[gather]
+        transport = roles.transport
     finally:
         roles.shutdown()
     nbytes = result.num_bytes
     copy = memcpy_gb_per_sec(nbytes)
-    bucketed = timings["bucketed"]["seconds"]
+    bucketed, per_param = timings["bucketed"]["seconds"], timings["per_parameter"]["seconds"]
     return {
         "bytes": nbytes,
+        "transport": transport,
         "bucket_mb": cfg.sync.bucket_mb,
         "max_in_flight": cfg.sync.max_in_flight,
         **timings,
         "same_weights_in_every_mode": same,
-        "speedup": timings["per_parameter"]["seconds"] / bucketed,
+        "speedup": per_param / bucketed,
+        "speedup_object_store": per_param / timings["bucketed_object_store"]["seconds"],
         "speedup_vs_streamed_per_parameter": timings["per_parameter_streamed"]["seconds"]
         / bucketed,
         "bucketed_gb_per_sec": nbytes / bucketed / 1e9,

@@ -213,15 +213,19 @@ class AlgorithmConfig(Section):
 
 
 class SyncConfig(Section):
-    transport: Literal["object_store", "broadcast"] = "object_store"
-    """How weights reach the engines: Ray object store, or a torch.distributed broadcast group."""
+    transport: Literal["auto", "shared_memory", "object_store", "broadcast"] = "auto"
+    """How weights reach the engines: 'shared_memory', a /dev/shm segment the policy ranks write
+    and the engines read, on one node only; 'object_store', Ray's, across nodes; 'broadcast', a
+    torch.distributed group (NCCL on GPUs). 'auto' is shared_memory when the policy ranks and
+    the engines share a node with room in /dev/shm, else object_store."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Broadcast backend; 'auto' is NCCL with GPUs, gloo without."""
     bucket_mb: float = Field(64.0, gt=0)
     """Parameters are gathered from ZeRO-3 and sent in buckets of about this many MiB."""
     max_in_flight: int = Field(2, ge=0)
-    """object_store: buckets gathered ahead of the engines' loads. Bounds the object-store
-    memory a sync holds to about (max_in_flight + 1) x bucket_mb; 0 waits for every load."""
+    """shared_memory and object_store: buckets sent ahead of the engines' loads. Bounds the
+    object-store memory a sync holds to about (max_in_flight + 1) x bucket_mb; 0 waits for
+    every load."""
     verify_every: int = Field(1, ge=1)
     """Hash the weights' bytes on both ends of every N-th sync, the first included, and compare.
     Every sync compares names, dtypes, shapes and sizes; a mismatch stops the run. 1 checks every

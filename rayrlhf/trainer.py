@@ -108,6 +108,7 @@ class Run:
             flush=True,
         )
         self.roles = Roles(cfg)
+        print(f"weight sync: {self.roles.transport}", flush=True)
         self.kl_ctl = kl_controller(cfg.algorithm)
         self.moments = RunningMoments() if cfg.algorithm.reward_normalize else None
         self.log = StepLog(self.dir, cfg.steps)

@@ -11,11 +11,13 @@ the phase, not a silent hang.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections import deque
 
 import ray
 import torch
-from ray.util.placement_group import remove_placement_group
+from ray.util.placement_group import placement_group_table, remove_placement_group
 
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
 from rayrlhf.cluster.collective import resolve_backend
@@ -28,6 +30,7 @@ from rayrlhf.cluster.placement import (
     threads_for,
 )
 from rayrlhf.cluster.waits import bounded_get
+from rayrlhf.cluster.weight_sync import segment_offsets
 from rayrlhf.config import Resources, TrainConfig
 from rayrlhf.types import (
     Experience,
@@ -69,7 +72,7 @@ class Roles:
         self.timeout = cfg.phase_timeout_s
         self._num_buckets: dict[float, int] = {}
         self._syncs = 0  # syncs so far: every `sync.verify_every`-th hashes the bytes
-        self.placement_groups: list = []
+        self.placement_groups: dict[str, object] = {}
         pol, crt = cfg.policy, cfg.active_critic
         self.policy = self._zero3_group(
             "policy", PolicyWorker, pol.model_path, pol, pol.weight_decay
@@ -107,7 +110,10 @@ class Roles:
         ]
         # Actor constructors run concurrently; this surfaces any start-up error.
         self.get([a.__ray_ready__.remote() for a in self.all_actors()], "start-up")
-        if cfg.sync.transport == "broadcast":
+        self.transport = self._resolve_transport()
+        if self.transport == "shared_memory":
+            self.open_segment()
+        elif self.transport == "broadcast":
             self._init_broadcast_group()
 
     def all_actors(self) -> list:
@@ -119,7 +125,7 @@ class Roles:
 
     def _reserve(self, role: str, res: Resources, count: int):
         pg = reserve(role, res, count, self.cfg.placement_timeout_s)
-        self.placement_groups.append(pg)
+        self.placement_groups[role] = pg
         return pg
 
     def _single(self, role: str, cls, res: Resources, *args):
@@ -136,6 +142,52 @@ class Roles:
             rc.grad_clip, self.cfg.seed, rc.resources,
         )  # fmt: skip
         return start_zero3_ranks(cls, self._reserve(role, rc.resources, rc.num_ranks), spec)
+
+    def _nodes(self, *roles: str) -> set[str]:
+        """The Ray nodes that `roles`' reserved bundles are on."""
+        tables = [placement_group_table(self.placement_groups[r]) for r in roles]
+        return {node for t in tables for node in t["bundles_to_node_id"].values()}
+
+    def _resolve_transport(self) -> str:
+        """`sync.transport`, with 'auto' made concrete: shared memory when the policy ranks and
+        the engines share one node and its /dev/shm has room for the segment, else the object
+        store."""
+        wanted = self.cfg.sync.transport
+        if wanted not in ("auto", "shared_memory"):
+            return wanted
+        nodes = self._nodes("policy", "rollout")
+        if len(nodes) > 1:
+            if wanted == "auto":
+                return "object_store"
+            raise ValueError(
+                f"sync.transport=shared_memory needs the policy ranks and the engines on one "
+                f"node; they are on {len(nodes)}. Use auto or object_store"
+            )
+        metas = self.get(self.policy[0].param_metas.remote(), "sync set-up")
+        need = segment_offsets(metas)[1]
+        free = self.get(self.policy[0].free_shared_memory.remote(), "sync set-up")
+        if wanted == "auto" and free < 2 * need:  # leave room for Ray's object store
+            print(
+                f"rayrlhf: weight sync through the object store: /dev/shm has {free / 2**30:.1f} "
+                f"GiB free, short of twice the {need / 2**30:.1f} GiB segment",
+                flush=True,
+            )
+            return "object_store"
+        return "shared_memory"
+
+    def open_segment(self) -> None:
+        """Map one shared segment, the size of the policy's weights, into every policy rank and
+        engine (one node), then unlink its name: the memory goes when the last process that
+        maps it exits, however the run ends."""
+        path = os.path.join("/dev/shm", f"rayrlhf-weights-{uuid.uuid4().hex[:16]}")
+        metas = self.get(self.policy[0].param_metas.remote(), "sync set-up")
+        self.get(self.policy[0].open_segment.remote(path, create=True), "sync set-up")
+        try:
+            opens = [p.open_segment.remote(path) for p in self.policy[1:]]
+            opens += [e.open_segment.remote(path, metas) for e in self.engines]
+            self.get(opens, "sync set-up")
+        finally:
+            self.get(self.policy[0].unlink_segment.remote(), "sync set-up")
 
     def _init_broadcast_group(self) -> None:
         backend = resolve_backend(self.cfg.sync.backend)
@@ -212,39 +264,55 @@ class Roles:
         max_in_flight: int | None = None,
         gather: bool = False,
         hash_bytes: bool | None = None,
+        transport: str | None = None,
     ) -> SyncResult:
         """Push the policy's new weights into every engine and verify them there: the bytes on
         the first and every `sync.verify_every`-th sync, names, dtypes, shapes and sizes always.
 
-        `bucket_mb`, `max_in_flight`, `gather` and `hash_bytes` are for the benchmark's
-        baselines (see `sync_through_store`); the broadcast's bucket plan is fixed at start-up.
+        The arguments are for the benchmark's baselines and ablations (see `sync_streamed`):
+        `transport` may pick the object store over shared memory; the broadcast's bucket plan is
+        fixed at start-up.
         """
         sync = self.cfg.sync
         mb = bucket_mb or sync.bucket_mb
         if hash_bytes is None:
             hash_bytes = self._syncs % sync.verify_every == 0
         self._syncs += 1
-        if sync.transport == "object_store":
-            ahead = sync.max_in_flight if max_in_flight is None else max_in_flight
-            return self.sync_through_store(mb, ahead, gather, hash_bytes)
-        calls = [a.broadcast_weights.remote(mb, hash_bytes) for a in self.policy]
-        calls += [e.receive_weights.remote(hash_bytes) for e in self.engines]
-        return self.get(calls, "sync")[0]
+        transport = transport or self.transport
+        if transport == "broadcast":
+            calls = [a.broadcast_weights.remote(mb, hash_bytes) for a in self.policy]
+            calls += [e.receive_weights.remote(hash_bytes) for e in self.engines]
+            return self.get(calls, "sync")[0]
+        ahead = sync.max_in_flight if max_in_flight is None else max_in_flight
+        return self.sync_streamed(mb, ahead, gather, hash_bytes, transport == "shared_memory")
 
-    def sync_through_store(
-        self, bucket_mb: float, max_in_flight: int, gather: bool = False, hash_bytes: bool = True
+    def sync_streamed(
+        self,
+        bucket_mb: float,
+        max_in_flight: int,
+        gather: bool = False,
+        hash_bytes: bool = True,
+        segment: bool = False,
     ) -> SyncResult:
-        """Stream buckets: every rank puts its partition of bucket k and every engine loads it as
-        soon as the pieces are there, while the ranks put k+1; at most `max_in_flight` buckets
-        run ahead of the engines' loads. Peers' per-parameter sync is one parameter per bucket,
-        `max_in_flight` 0 and `gather` (rank 0 gathers and sends each parameter)."""
+        """Stream buckets: every rank sends its partition of bucket k, into the shared `segment`
+        or the object store, and every engine loads it as soon as all pieces are there, while
+        the ranks send k+1; at most `max_in_flight` buckets run ahead of the engines' loads.
+        Peers' per-parameter sync is one parameter per bucket, `max_in_flight` 0 and `gather`
+        (rank 0 gathers and puts each parameter; always through the object store)."""
         if bucket_mb not in self._num_buckets:
             n = self.get(self.policy[0].num_buckets.remote(bucket_mb), "sync")
             self._num_buckets[bucket_mb] = n
+        segment = segment and not gather
         pending: deque[list] = deque()
         for k in range(self._num_buckets[bucket_mb]):
-            put = [a.put_bucket.remote(k, bucket_mb, gather, hash_bytes) for a in self.policy]
-            pending.append(put + [e.load_bucket.remote(k, hash_bytes, *put) for e in self.engines])
+            put = [
+                a.put_bucket.remote(k, bucket_mb, gather, hash_bytes, segment) for a in self.policy
+            ]
+            load = [
+                (e.load_segment_bucket if segment else e.load_bucket).remote(k, hash_bytes, *put)
+                for e in self.engines
+            ]
+            pending.append(put + load)
             while len(pending) > max_in_flight:
                 self.get(pending.popleft(), "sync")
         for refs in pending:
@@ -267,5 +335,5 @@ class Roles:
         """Kill every actor and release the role groups' reservations."""
         for actor in self.all_actors():
             ray.kill(actor)
-        for pg in self.placement_groups:
+        for pg in self.placement_groups.values():
             remove_placement_group(pg)

@@ -7,15 +7,20 @@ Flow of one sync, a bucket (many parameters) at a time:
     the engine compares the two fingerprints and raises `WeightSyncError` if they differ.
 
 Transports:
+    shared_memory: one tmpfs segment (`SharedSegment`), mapped by every trainer rank and engine
+        of one node, holds the whole model. Each rank copies its ZeRO-3 partition of the bucket
+        straight to where those elements of the joined tensor live; the engines load views of
+        the segment. No join, no object store, one copy in all. Works on one node only; the
+        default there.
     object_store: every rank `ray.put`s its own ZeRO-3 partition of the bucket, with no
         collective, and every engine joins the pieces (`assemble`) and loads them as soon as they
         are there, so putting bucket k+1 overlaps loading bucket k. Each rank moves 1/N of the
         bytes, in parallel, and nothing is gathered: on the 100M CPU model the gloo all-gather
         alone cost as much as the engines' load. The driver keeps at most `max_in_flight`
-        buckets ahead of the engines, which bounds object-store memory. Works across nodes; the
-        CPU default. Pieces travel as raw-byte numpy views (`to_wire`): Ray stores numpy arrays
-        out of band, one copy in and none out, where torch tensors are pickled (measured on the
-        100M model: put 2.4x slower, and a full copy on get).
+        buckets ahead of the engines, which bounds object-store memory. Pieces travel as
+        raw-byte numpy views (`to_wire`): Ray stores numpy arrays out of band, one copy in and
+        none out, where torch tensors are pickled (measured on the 100M model: put 2.4x slower,
+        and a full copy on get). The default across nodes.
     broadcast: one torch.distributed group of rank 0 + every engine worker; rank 0 gathers a
         bucket (collective) and broadcasts it as one flat tensor. gloo on CPU, NCCL on GPU: the
         same code.
@@ -24,6 +29,7 @@ Transports:
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -58,8 +64,12 @@ class ParamMeta:
         return n
 
     @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.itemsize
 
 
 def plan_buckets(params: Iterable[ParamMeta], bucket_bytes: int) -> list[list[ParamMeta]]:
@@ -299,3 +309,110 @@ def check_fingerprint(expected: str, received: Fingerprint, where: str) -> str:
             "received); the engine's weights are not the trainer's, stopping"
         )
     return got
+
+
+SEGMENT_ALIGN = 64
+"""Byte alignment of each tensor in a `SharedSegment`: a cache line, for the copies' vector
+loads and stores."""
+
+SegmentBucket = list[tuple[str, str, tuple[int, ...], int]]
+"""What one rank wrote of a bucket into a `SharedSegment`: (name, dtype, full shape, bytes of
+its piece), in bucket order."""
+
+
+def segment_offsets(metas: Iterable[ParamMeta]) -> tuple[dict[str, int], int]:
+    """Where each tensor starts in a segment that holds them all whole, in order, each at a
+    `SEGMENT_ALIGN` boundary; and the segment's size. Every bucket plan fits, so one segment
+    serves any `bucket_mb`, and no sync ever writes where an engine is still reading."""
+    offsets, size = {}, 0
+    for m in metas:
+        size = -(-size // SEGMENT_ALIGN) * SEGMENT_ALIGN
+        offsets[m.name] = size
+        size += m.nbytes
+    return offsets, size
+
+
+class SharedSegment:
+    """A tmpfs file mapped shared into every trainer rank and engine on one node: the
+    `shared_memory` transport's buffer.
+
+    The creator checks the file system's free space first, because tmpfs fails a write to a
+    full device with SIGBUS, not an error. Once every process has mapped it, the file is
+    unlinked (`unlink`): the memory lives as long as some process maps it, so a crashed run
+    leaves nothing behind in /dev/shm.
+    """
+
+    def __init__(self, path: str, nbytes: int, create: bool = False) -> None:
+        if create:
+            free = shared_memory_free(os.path.dirname(path))
+            if free < nbytes:
+                raise OSError(
+                    f"{os.path.dirname(path)} has {free / 2**30:.2f} GiB free; the weight-sync "
+                    f"segment needs {nbytes / 2**30:.2f} GiB. Give the node more shared memory "
+                    "(docker --shm-size, a Kubernetes emptyDir with medium Memory), or set "
+                    "sync.transport=object_store"
+                )
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, nbytes)
+            finally:
+                os.close(fd)
+        self.path = path
+        self.buf = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+
+    def write(self, offset: int, raw: np.ndarray) -> None:
+        """Copy raw bytes in at `offset`."""
+        self.buf[offset : offset + raw.nbytes].copy_(torch.from_numpy(raw))
+
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        """A uint8 view of `nbytes` at `offset`, no copy."""
+        return self.buf[offset : offset + nbytes].numpy()
+
+    def unlink(self) -> None:
+        """Remove the file's name; the mappings stay valid."""
+        os.unlink(self.path)
+
+
+def shared_memory_free(directory: str = "/dev/shm") -> int:
+    """Bytes free on the file system that holds `directory`."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def segment_write(
+    segment: SharedSegment,
+    offsets: dict[str, int],
+    pieces: list[tuple[str, Tensor]],
+    metas: list[ParamMeta],
+    rank: int,
+    world: int,
+) -> SegmentBucket:
+    """Rank `rank` of `world`: copy its ZeRO-3 piece of each tensor (host tensors, `metas`
+    order) to where those elements of the whole tensor live in `segment`."""
+    out = []
+    for (name, t), m in zip(pieces, metas, strict=True):
+        raw = raw_bytes(t)
+        lo = piece_bounds(m.numel, world)[rank][0]
+        segment.write(offsets[name] + lo * m.itemsize, raw)
+        out.append((name, dtype_name(m.dtype), m.shape, raw.nbytes))
+    return out
+
+
+def segment_bucket(
+    segment: SharedSegment, offsets: dict[str, int], ranks: list[SegmentBucket], fp: Fingerprint
+) -> list[tuple[str, Tensor]]:
+    """The full tensors of one bucket the ranks wrote into `segment` (`SegmentBucket` per rank,
+    in rank order), as views: no copy. Each rank's piece is hashed into `fp`, read where the
+    engine will load it from, so the fingerprint vouches for the offsets too."""
+    out = []
+    for pieces in zip(*ranks, strict=True):
+        name, dtype, shape, _ = pieces[0]
+        start = end = offsets[name]
+        views = []
+        for piece in pieces:
+            views.append(segment.read(end, piece[3]))
+            end += piece[3]
+        fp.add_pieces(name, dtype, shape, views)
+        flat = segment.buf[start:end]
+        out.append((name, flat.view(getattr(torch, dtype)).view(shape)))
+    return out

@@ -1,8 +1,8 @@
 """Policy role: a DeepSpeed ZeRO-3 rank that recomputes logprobs, takes PPO steps, pushes weights.
 
 All ranks run every method together (ZeRO-3 forwards and gathers are collective); the driver
-hands each rank an equal shard of the batch. In the object-store sync every rank sends its own
-partition to the engines; in the broadcast sync only rank 0 talks to them.
+hands each rank an equal shard of the batch. In the shared-memory and object-store syncs every
+rank sends its own partition to the engines; in the broadcast sync only rank 0 talks to them.
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ from rayrlhf.cluster.weight_sync import (
     Fingerprint,
     ParamMeta,
     PieceRecord,
+    SegmentBucket,
+    SharedSegment,
     digest,
     dtype_name,
     raw_bytes,
+    segment_offsets,
+    segment_write,
     send_broadcast,
+    shared_memory_free,
     to_wire,
 )
 from rayrlhf.config import AlgorithmConfig
@@ -146,35 +151,71 @@ class PolicyWorker(DeepSpeedRole):
     def num_buckets(self, bucket_mb: float) -> int:
         return len(self.bucket_plan(int(bucket_mb * 2**20)))
 
+    def free_shared_memory(self) -> int:
+        """Bytes free in this node's /dev/shm, where a shared-memory sync's segment goes."""
+        return shared_memory_free()
+
+    def open_segment(self, path: str, create: bool = False) -> None:
+        """Shared-memory transport: map the node's weight segment (rank 0 creates it)."""
+        self._offsets, nbytes = segment_offsets(self.param_metas())
+        self._segment = SharedSegment(path, nbytes, create)
+
+    def unlink_segment(self) -> None:
+        """Once every rank and engine has mapped the segment: remove its name from /dev/shm."""
+        self._segment.unlink()
+
     def put_bucket(
-        self, index: int, bucket_mb: float, gather: bool = False, hash_bytes: bool = True
+        self,
+        index: int,
+        bucket_mb: float,
+        gather: bool = False,
+        hash_bytes: bool = True,
+        segment: bool = False,
     ) -> list | None:
-        """Object-store transport, every rank: hash and `ray.put` this rank's ZeRO-3 partition
-        of bucket `index`, straight from DeepSpeed's buffer (no collective, no copy); engines
-        join the ranks' pieces. `gather` is peers' way, kept as the benchmark's baseline: gather
-        the full parameters (collective) and rank 0 alone puts them. Returns [ref] (in a list,
-        so that an engine given this call's result receives the ref, not the tensors), or None
-        on a rank that put nothing."""
+        """Every rank: hash this rank's ZeRO-3 partition of bucket `index`, straight from
+        DeepSpeed's buffer (no collective), and send it: `segment`, copy it into the node's
+        shared segment where the joined tensors live and return what was written
+        (`SegmentBucket`); else `ray.put` it for the engines to join, and return [ref] (in a
+        list, so that an engine given this call's result receives the ref, not the tensors).
+        `gather` is peers' way, kept as the benchmark's baseline: gather the full parameters
+        (collective) and rank 0 alone puts them; None on the ranks that put nothing."""
         metas = self.bucket_plan(int(bucket_mb * 2**20))[index]
         if index == 0:
             self._sent: list[PieceRecord] = []
             self._sent_buckets = 0
             self._hashed = hash_bytes
+        if segment:
+            return self._write(self.local_pieces(metas), metas)
         if not gather:
             return self._put(self.local_pieces(metas), metas)
         with self.gathered(metas) as bucket:
             return self._put(bucket, metas)
 
-    def _put(self, pieces: list[tuple[str, torch.Tensor]], metas: list[ParamMeta]) -> list | None:
-        if not pieces:
-            return None
-        pieces = [(name, t.detach().cpu()) for name, t in pieces]  # GPU: one copy, for both uses
+    def _record(
+        self, pieces: list[tuple[str, torch.Tensor]], metas: list[ParamMeta]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Record the pieces as sent (hashed unless this sync skips it); returns them on the
+        host (GPU: one copy, for both uses)."""
+        pieces = [(name, t.detach().cpu()) for name, t in pieces]
         for (name, t), m in zip(pieces, metas):
             raw = raw_bytes(t)
             hashed = digest(raw) if self._hashed else b""
             self._sent.append((name, dtype_name(m.dtype), m.shape, hashed, raw.nbytes))
         self._sent_buckets += 1
+        return pieces
+
+    def _put(self, pieces: list[tuple[str, torch.Tensor]], metas: list[ParamMeta]) -> list | None:
+        if not pieces:
+            return None
+        pieces = self._record(pieces, metas)
         return [ray.put(to_wire(pieces, [m.shape for m in metas]))]
+
+    def _write(
+        self, pieces: list[tuple[str, torch.Tensor]], metas: list[ParamMeta]
+    ) -> SegmentBucket:
+        pieces = self._record(pieces, metas)
+        rank, world = self.spec.rank, self.spec.world_size
+        return segment_write(self._segment, self._offsets, pieces, metas, rank, world)
 
     def sent_records(self) -> list[PieceRecord]:
         """What this rank's `put_bucket` calls since index 0 sent."""

@@ -100,9 +100,18 @@ class RolloutEngine:
         there."""
         self.llm.collective_rpc("rr_load_bucket", args=(index, hash_bytes, wire_refs))
 
+    def open_segment(self, path: str, metas: list[ParamMeta]) -> None:
+        """Shared-memory transport: map the node's weight segment (see `SharedSegment`)."""
+        self.llm.collective_rpc("rr_open_segment", args=(path, metas))
+
+    def load_segment_bucket(self, index: int, hash_bytes: bool, *written: list) -> None:
+        """Shared-memory transport: load bucket `index` from the segment, once every trainer
+        rank has written its piece (their `put_bucket` results, in rank order, say what)."""
+        self.llm.collective_rpc("rr_load_segment_bucket", args=(index, hash_bytes, written))
+
     def finish_load(self, sent: SyncResult) -> list[str]:
-        """Object-store transport: end the sync and check it against what the trainer sent;
-        one fingerprint per vLLM worker."""
+        """Object-store and shared-memory transports: end the sync and check it against what
+        the trainer sent; one fingerprint per vLLM worker."""
         return self.llm.collective_rpc("rr_finish_load", args=(sent.fingerprint,))
 
     def num_workers(self) -> int:

@@ -26,10 +26,14 @@ from rayrlhf.cluster.collective import new_group
 from rayrlhf.cluster.weight_sync import (
     Fingerprint,
     ParamMeta,
+    SegmentBucket,
+    SharedSegment,
     assemble,
     check_fingerprint,
     receive_broadcast,
     receive_digest,
+    segment_bucket,
+    segment_offsets,
 )
 
 
@@ -59,23 +63,42 @@ class WeightSyncExtension:
             self.rr_init_hashing(1)
         return self._rr_hasher
 
-    def rr_load_bucket(
-        self, index: int, hash_bytes: bool, wire_refs: tuple[list | None, ...]
-    ) -> None:
-        """Object store: load one bucket from the ranks' pieces (`[ref]` or None per trainer
-        rank); index 0 opens a session. The pieces are hashed as they arrived, on the hashing
-        threads, while the joined tensors load."""
+    def _rr_session(self, index: int, hash_bytes: bool) -> torch.nn.Module:
+        """The model, with a reload session opened by bucket 0."""
         model = self.model_runner.get_model()
         if index == 0:
             self._rr_received = Fingerprint(self._hasher(), hash_bytes)
             initialize_layerwise_reload(model)
+        return model
+
+    def rr_load_bucket(
+        self, index: int, hash_bytes: bool, wire_refs: tuple[list | None, ...]
+    ) -> None:
+        """Object store: load one bucket from the ranks' pieces (`[ref]` or None per trainer
+        rank). The pieces are hashed as they arrived, on the hashing threads, while the joined
+        tensors load."""
+        model = self._rr_session(index, hash_bytes)
         wires = ray.get([r[0] for r in wire_refs if r])
         self._rr_received.add_wires(wires)
         model.load_weights(assemble(wires))
 
+    def rr_open_segment(self, path: str, metas: list[ParamMeta]) -> None:
+        """Shared memory: map the node's weight segment, laid out by `segment_offsets`."""
+        self._rr_offsets, nbytes = segment_offsets(metas)
+        self._rr_segment = SharedSegment(path, nbytes)
+
+    def rr_load_segment_bucket(
+        self, index: int, hash_bytes: bool, written: tuple[SegmentBucket, ...]
+    ) -> None:
+        """Shared memory: load one bucket, as views of the segment, from where the ranks wrote
+        it (`SegmentBucket` per trainer rank); the pieces hash on the hashing threads."""
+        model = self._rr_session(index, hash_bytes)
+        fp, segment = self._rr_received, self._rr_segment
+        model.load_weights(segment_bucket(segment, self._rr_offsets, list(written), fp))
+
     def rr_finish_load(self, expected: str) -> str:
-        """Object store: close the session (process what is left, e.g. attention layers) and
-        compare what was loaded with what the trainer sent."""
+        """Object store and shared memory: close the session (process what is left, e.g.
+        attention layers) and compare what was loaded with what the trainer sent."""
         finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
         return check_fingerprint(expected, self._rr_received, f"vLLM worker rank {self.rank}")
 

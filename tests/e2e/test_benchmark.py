@@ -20,7 +20,10 @@ RUN_FIELDS = {
     "total_tokens_per_sec", "tokens_per_sec_per_device", "phase_seconds", "phase_share",
     "orchestration_overhead", "sync_seconds", "sync_share", "sync_gb_per_sec", "sync_bytes",
 }  # fmt: skip
-SYNC_MODES = {"bucketed", "per_parameter", "per_parameter_streamed", "bucketed_gathered"}
+SYNC_MODES = {
+    "bucketed", "per_parameter", "bucketed_object_store", "per_parameter_streamed",
+    "bucketed_gathered",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def test_broadcast_sync_fingerprints_match(stack):
 def test_object_store_sync_streams_verified_weights(stack, max_in_flight, gather):
     """Both ways to send: each rank its ZeRO-3 pieces (default), or rank 0 the gathered whole."""
     cfg, roles, tok = stack
-    sent = roles.sync_through_store(cfg.sync.bucket_mb, max_in_flight, gather)
+    sent = roles.sync_streamed(cfg.sync.bucket_mb, max_in_flight, gather)
     parts = 1 if gather else len(roles.policy)  # the digest names how the tensors were split
     trainer_fp = roles.policy_fingerprint(parts)
     assert sent.num_buckets > 1 and sent.fingerprint == trainer_fp
@@ -125,6 +125,30 @@ def test_object_store_sync_streams_verified_weights(stack, max_in_flight, gather
     rollout = _rollout(roles, tok, seed=5)
     mask = rollout.action_mask.bool()
     diff = (rollout.engine_logprobs - roles.score(rollout).old_logprobs).abs()[mask]
+    assert diff.max().item() < LOGPROB_TOL
+
+
+def test_shared_memory_sync_brings_stale_engines_up_to_date(stack):
+    """The one-node transport: ranks write their pieces into the segment, engines load views of
+    it. After a PPO update the engine samples with stale weights; one sync makes its logprobs
+    the trainer's again."""
+    cfg, roles, tok = stack
+    roles.sync_weights()
+    rollout = _rollout(roles, tok, seed=8)
+    algo = cfg.algorithm
+    exp, _ = make_experience(rollout, roles.score(rollout), algo, algo.kl_coef)
+    norms = loss_norms(exp, len(roles.policy), algo.num_mini_batches, cfg.rollout.max_new_tokens)
+    roles.train(exp, algo.kl_coef, norms)
+    stale = _rollout(roles, tok, seed=9)
+    mask = stale.action_mask.bool()
+    stale_diff = (stale.engine_logprobs - roles.score(stale).old_logprobs).abs()[mask]
+    assert stale_diff.max().item() > 10 * LOGPROB_TOL  # the update moved the policy
+    roles.open_segment()
+    sent = roles.sync_streamed(cfg.sync.bucket_mb, 2, segment=True)
+    assert sent.num_buckets > 1 and sent.fingerprint == roles.policy_fingerprint(len(roles.policy))
+    fresh = _rollout(roles, tok, seed=9)
+    mask = fresh.action_mask.bool()
+    diff = (fresh.engine_logprobs - roles.score(fresh).old_logprobs).abs()[mask]
     assert diff.max().item() < LOGPROB_TOL
 
 
@@ -162,7 +186,7 @@ def test_sync_without_hashing_still_checks_every_tensor_arrived(stack):
     """Between byte checks (`sync.verify_every`) a sync hashes nothing but still compares names,
     dtypes, shapes and sizes: an engine that missed a bucket stops the run."""
     cfg, roles, tok = stack
-    sent = roles.sync_through_store(cfg.sync.bucket_mb, 2, False, hash_bytes=False)
+    sent = roles.sync_streamed(cfg.sync.bucket_mb, 2, False, hash_bytes=False)
     assert not sent.hashed and sent.num_tensors > 0
     assert sent.fingerprint != roles.policy_fingerprint(len(roles.policy))  # no bytes in it
     rollout = _rollout(roles, tok, seed=6)

@@ -187,6 +187,8 @@ def test_roles_land_on_their_node_types(tmp_path):
         )  # fmt: skip
         assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
         assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
+        # Trainers and engine on two nodes: 'auto' cannot share memory between them.
+        assert "weight sync: object_store" in run.stdout, run.stdout[-2000:]
 
         ids = _node_ids(gcs, env)
         assert set(ids) == {"head", "worker"} and ids["head"] != ids["worker"]
