@@ -2,7 +2,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -281,18 +280,20 @@ def _vocab(path):
 
 
 def _cli(*args):
+    """Run the CLI. No wall-clock bound beyond the hang guard: on a loaded 2-core CI machine
+    importing torch and transformers alone took 35-47 s (6 s idle). What keeps a bad input fast
+    is failing before Ray starts, which the tests check in the output."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
-    start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "rayrlhf.cli", "train", "--config", "configs/tiny-cpu.yaml", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
-    return proc, time.monotonic() - start
+    return proc
 
 
 @pytest.mark.parametrize(
@@ -307,20 +308,19 @@ def _cli(*args):
     ],
 )
 def test_cli_bad_input_exits_2_before_ray(args, field):
-    proc, elapsed = _cli(*args)
+    proc = _cli(*args)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert field in proc.stderr
     assert "Traceback" not in out
     assert "Started a local Ray instance" not in out
     assert "ray.init" not in out
-    assert elapsed < 30
 
 
 def test_cli_bad_prompt_file_exits_2_naming_file_and_line(tiny_models, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "Tell me about the cat."}\n{"prompt": 3}\n')
-    proc, elapsed = _cli(
+    proc = _cli(
         "--set",
         f"policy.model_path={tiny_models['policy']}",
         "--set",
@@ -337,7 +337,6 @@ def test_cli_bad_prompt_file_exits_2_naming_file_and_line(tiny_models, tmp_path)
     assert f"{data}:2:" in proc.stderr
     assert "Traceback" not in out
     assert "Started a local Ray instance" not in out
-    assert elapsed < 30
 
 
 def test_config_help_lists_sections_and_docstrings():
