@@ -23,8 +23,8 @@ from pathlib import Path
 import ray
 
 from rayrlhf.config import load_config
-from rayrlhf.metrics import read_metrics
-from rayrlhf.trainer import train
+from rayrlhf.recipes.ppo import train
+from rayrlhf.runtime.run_dir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 3.0

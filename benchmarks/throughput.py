@@ -3,8 +3,9 @@
     python benchmarks/throughput.py --size tiny --steps 6 --engines 1 2
     python benchmarks/throughput.py --size 100m --steps 3 --engines 1 2 --sync-compare
 
-Each run is the real training loop (`rayrlhf.trainer.train`) on the embedded tiny CPU recipe with
-the chosen model size; the first step (vLLM warm-up, first gathers) is left out of the averages.
+Each run is the real training loop (`rayrlhf.recipes.ppo.train`) on the embedded tiny CPU
+recipe with the chosen model size; the first step (vLLM warm-up, first gathers) is left out of
+the averages.
 Definitions:
     generated_tokens_per_sec   response tokens / step seconds
     total_tokens_per_sec       (prompt + response) tokens / step seconds
@@ -31,10 +32,10 @@ from pathlib import Path
 import ray
 import torch
 
-from rayrlhf.cluster.roles import Roles
 from rayrlhf.config import TrainConfig, load_config
-from rayrlhf.metrics import read_metrics
-from rayrlhf.trainer import train
+from rayrlhf.recipes.ppo import train
+from rayrlhf.recipes.ppo_roles import Roles
+from rayrlhf.runtime.run_dir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 _100M = [

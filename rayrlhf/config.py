@@ -37,13 +37,15 @@ class Resources(Section):
     """Extra Ray custom resources per actor, e.g. {"rollout_node": 1} to pin a node type."""
 
 
-class PolicyConfig(Section):
+class RankGroupConfig(Section):
+    """A DeepSpeed ZeRO-3 trainer group: its model, its ranks and how they step."""
+
     model_path: str
-    """HF directory of the initial policy (also the reference model unless it sets its own)."""
-    num_ranks: int = Field(2, ge=1)
+    """HF directory of the model the group trains."""
+    num_ranks: int = Field(1, ge=1)
     """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor each."""
     micro_batch_size: int = Field(4, ge=1)
-    """Sequences per rank per forward/backward pass."""
+    """Examples per rank per forward/backward pass (sequences; pairs for DPO and the RM)."""
     lr: float = Field(1e-4, gt=0)
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
@@ -54,19 +56,36 @@ class PolicyConfig(Section):
     """Resources of each rank's actor."""
 
 
-class CriticConfig(Section):
-    model_path: str
-    """HF directory of the value model (a one-label token-classification model)."""
-    num_ranks: int = Field(1, ge=1)
-    """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor each."""
-    micro_batch_size: int = Field(4, ge=1)
-    """Sequences per rank per forward/backward pass."""
-    lr: float = Field(1e-4, gt=0)
-    """AdamW learning rate."""
-    grad_clip: float = Field(1.0, gt=0)
-    """Global gradient-norm clip."""
-    resources: Resources = Resources()
-    """Resources of each rank's actor."""
+class PolicyConfig(RankGroupConfig):
+    """The policy trainer; model_path is the initial policy (and the reference model unless
+    reference.model_path is set)."""
+
+
+class CriticConfig(RankGroupConfig):
+    """The value-model trainer; model_path is a one-label token-classification model."""
+
+
+class RunConfig(Section):
+    """What every command's run has: where it writes and how it is seeded."""
+
+    run_dir: str
+    """Output directory: config.yaml, metrics.jsonl and what the command trains or reports."""
+    seed: int = 0
+    """Seed for data order, sampling, initialisation and synthetic data."""
+    make_tiny_models: str | None = None
+    """Demo only: build the tiny models into this directory first if they are absent."""
+
+
+class RayRunConfig(RunConfig):
+    """A run on Ray: which cluster, and how long any wait on it may last."""
+
+    ray_address: str | None = None
+    """Ray cluster address; None joins the job's cluster or starts a local one."""
+    phase_timeout_s: float = Field(900.0, gt=0)
+    """Longest wait for one phase (start-up, generate, score, train, sync, eval, save) before
+    stopping with an error that names it."""
+    placement_timeout_s: float = Field(60.0, gt=0)
+    """Longest wait to reserve a role's resources before failing with what is missing."""
 
 
 class ReferenceConfig(Section):
@@ -245,21 +264,12 @@ class MetricsConfig(Section):
     """Write PNG plots of reward, KL and tokens/sec into run_dir at the end."""
 
 
-class TrainConfig(Section):
-    run_dir: str = "runs/tiny-ppo"
-    """Output directory: metrics.jsonl, config.yaml and the final HF policy."""
+class TrainConfig(RayRunConfig):
+    """A PPO run (`rayrlhf train`): run_dir gets metrics.jsonl, config.yaml and the final HF
+    policy."""
+
     steps: int = Field(40, ge=1)
     """PPO steps (generate, score, update, sync) to run."""
-    seed: int = 0
-    """Seed for prompt order, sampling and initialisation."""
-    ray_address: str | None = None
-    """Ray cluster address; None joins the job's cluster or starts a local one."""
-    make_tiny_models: str | None = None
-    """Demo only: build the tiny models into this directory first if they are absent."""
-    phase_timeout_s: float = Field(900.0, gt=0)
-    """Longest wait for one phase (generate, score, train, sync) before stopping with an error."""
-    placement_timeout_s: float = Field(60.0, gt=0)
-    """Longest wait to reserve a role's resources before failing with what is missing."""
     save_final: bool = True
     """Save the final policy in HF format under run_dir/policy."""
     policy: PolicyConfig

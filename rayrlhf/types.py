@@ -41,6 +41,19 @@ def timed(method: Callable[..., T]) -> Callable[..., Timed[T]]:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One generated response, as an engine returns it."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    """Engine logprob of each sampled response token."""
+    text: str
+    engine: int = 0
+    """Index of the engine that generated it."""
+
+
+@dataclass(frozen=True)
 class Rollout:
     """Generated sequences from the vLLM engines."""
 

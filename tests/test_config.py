@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rayrlhf import preflight
 from rayrlhf.cli import config_help
 from rayrlhf.config import ConfigError, TrainConfig, load_config, parse_overrides
+from rayrlhf.runtime import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny-cpu.yaml"
@@ -18,6 +18,7 @@ SECTIONS = ("policy", "critic", "reference", "reward", "rollout", "data", "algor
 def _base(**sections):
     """A minimal valid config tree; each section can be overridden."""
     tree = {
+        "run_dir": "runs/test",
         "policy": {"model_path": "p", "num_ranks": 1, "micro_batch_size": 2},
         "critic": {"model_path": "c", "num_ranks": 1, "micro_batch_size": 2},
         "reward": {"model_path": "r"},
@@ -206,6 +207,7 @@ def test_override_through_a_scalar_is_an_error():
 def _cfg_with_paths(paths, **extra):
     return TrainConfig.model_validate(
         {
+            "run_dir": "runs/test",
             "policy": {"model_path": str(paths["policy"]), "num_ranks": 1, "micro_batch_size": 1},
             "critic": {"model_path": str(paths["critic"]), "num_ranks": 1, "micro_batch_size": 1},
             "reward": {"model_path": str(paths["reward"])},

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rayrlhf.algorithms.losses import aggregate
+from rayrlhf.config import AlgorithmConfig
 
 # A token the policy finds near-impossible can give a log-ratio of -100 or worse; exp(100)
 # overflows float32/bf16 to inf and poisons the KL mean and its gradient. exp(20) ~ 4.9e8 is
@@ -181,3 +182,17 @@ class AdaptiveKLController:
         # The damping term must see how far off KL is: clipped at +-0.2 like the integral's
         # error, it saturates just as the oscillation grows.
         self.value = self._clamp(self.integral * math.exp(self.gain * min(max(error, -1.0), 1.0)))
+
+
+def kl_controller(algo: AlgorithmConfig) -> FixedKLController | AdaptiveKLController:
+    """The controller `algorithm.kl_controller` names, set up from the algorithm section."""
+    if algo.kl_controller == "adaptive":
+        return AdaptiveKLController(
+            algo.kl_coef,
+            algo.kl_target,
+            algo.kl_horizon,
+            gain=algo.kl_gain,
+            min_coef=algo.kl_coef_min,
+            max_coef=algo.kl_coef_max or float("inf"),
+        )
+    return FixedKLController(algo.kl_coef)

@@ -127,6 +127,11 @@ def role_bundles(cfg: TrainConfig) -> list[tuple[str, Bundle, int]]:
     ]
 
 
+def cpus_needed(cfg: TrainConfig) -> float:
+    """Logical CPUs that every role's bundles of a PPO run add up to."""
+    return sum(b.get("CPU", 0.0) * n for _, b, n in role_bundles(cfg))
+
+
 def plan_placement(cfg: TrainConfig, shape: ClusterShape) -> list[RolePlacement]:
     """Pack every role; raises PlacementError naming the first role that does not fit."""
     plan, error = _pack(cfg, shape)

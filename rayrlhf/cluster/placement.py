@@ -4,21 +4,20 @@ On a GPU cluster a bundle holds the role's GPUs; on CPU it holds logical CPUs, s
 gets its own reservation and its actors never compete for another role's slot. Reservation is
 bounded in time: an unplaceable request is an error naming the role and what it asked for.
 Also here: joining or starting the cluster, and starting a ZeRO-3 group's ranks in their bundles,
-which every driver (PPO, DPO, SFT, reward model) does the same way.
+which every recipe (PPO, DPO, SFT, reward model) does the same way.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rayrlhf.cluster.collective import free_port
-from rayrlhf.config import Resources
-from rayrlhf.workers.deepspeed_role import RankSpec
+from rayrlhf.config import RankGroupConfig, Resources
 
 
 class PlacementError(RuntimeError):
@@ -63,6 +62,13 @@ def threads_for(res: Resources) -> int:
     return max(1, int(res.num_cpus))
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now on `host` (for a rendezvous store)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 @ray.remote(num_cpus=0)
 def address_and_port() -> tuple[str, int]:
     """Run inside a role's bundle: the node's IP and a free port there (rank 0's rendezvous)."""
@@ -70,7 +76,7 @@ def address_and_port() -> tuple[str, int]:
     return ip, free_port(ip)
 
 
-def connect(address: str | None, cpus_needed: float) -> None:
+def start_ray(address: str | None, cpus_needed: float) -> None:
     """Join `address`, the Ray job's cluster, or start a local one with a logical CPU for each
     bundle (more than the cores if need be: each role still gets its own reservation)."""
     if ray.is_initialized():
@@ -82,32 +88,38 @@ def connect(address: str | None, cpus_needed: float) -> None:
 
 
 @dataclass(frozen=True)
-class GroupSpec:
-    """How to start a ZeRO-3 group; `grad_accum_steps` = step batch / (ranks x micro-batch)."""
+class RankSpec:
+    """What one ZeRO-3 rank actor is told: where it sits in its group and how it steps."""
 
-    model_path: str
-    num_ranks: int
-    micro_batch_size: int
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
     grad_accum_steps: int
-    lr: float
-    weight_decay: float
-    grad_clip: float
+    """Micro-batches per optimizer step on each rank."""
     seed: int
-    resources: Resources
+    num_threads: int
+    group: RankGroupConfig
+    """The group's model, batch split and optimizer settings."""
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.group.micro_batch_size
 
 
-def start_zero3_ranks(cls: type, pg: PlacementGroup, spec: GroupSpec) -> list:
-    """One `cls` actor per bundle of `pg`, rank 0's rendezvous in bundle 0. Returns at once:
-    the caller waits for `__ray_ready__`."""
-    res = spec.resources
+def start_zero3_ranks(
+    cls: type, pg: PlacementGroup, group: RankGroupConfig, grad_accum_steps: int, seed: int
+) -> list:
+    """One `cls(model_path, RankSpec)` actor per bundle of `pg`, rank 0's rendezvous in bundle
+    0. Returns at once: the caller waits for `__ray_ready__`."""
+    res = group.resources
     strategy = actor_options(pg, 0, res)["scheduling_strategy"]
     addr, port = ray.get(address_and_port.options(scheduling_strategy=strategy).remote())
     ranks = []
-    for rank in range(spec.num_ranks):
-        rank_spec = RankSpec(
-            rank, spec.num_ranks, addr, port, spec.micro_batch_size, spec.grad_accum_steps,
-            spec.lr, spec.weight_decay, spec.grad_clip, spec.seed, threads_for(res),
-        )  # fmt: skip
+    for rank in range(group.num_ranks):
+        spec = RankSpec(
+            rank, group.num_ranks, addr, port, grad_accum_steps, seed, threads_for(res), group
+        )
         actor = ray.remote(cls).options(**actor_options(pg, rank, res))
-        ranks.append(actor.remote(spec.model_path, rank_spec))
+        ranks.append(actor.remote(group.model_path, spec))
     return ranks

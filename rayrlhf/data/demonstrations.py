@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rayrlhf.data.jsonl import OnBadRow, read_jsonl, require_text
-from rayrlhf.data.prompts import DataError
+from rayrlhf.data.jsonl import DataError, OnBadRow, read_jsonl, require_text
 from rayrlhf.types import pad_rows
 
 

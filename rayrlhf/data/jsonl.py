@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from rayrlhf.data.prompts import DataError
-
 T = TypeVar("T")
 OnBadRow = Literal["error", "skip"]
+
+
+class DataError(ValueError):
+    """A malformed dataset; the message names the file and line."""
 
 
 def parse_line(raw: bytes, where: str, last_unterminated: bool) -> dict:

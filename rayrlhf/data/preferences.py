@@ -8,7 +8,6 @@ micro-batch runs both sides in one forward pass.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rayrlhf.data.prompts import DataError
+from rayrlhf.data.jsonl import DataError, OnBadRow, read_jsonl, require_text
 from rayrlhf.types import pad_rows
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -91,62 +90,49 @@ def _side(
     return torch.cat([prompts, resp], 1), torch.cat([prompt_mask, mask], 1), mask.float()
 
 
-def read_preference_rows(path: Path) -> list[tuple[int, str, str, str]]:
-    """(line, prompt, chosen, rejected) for every non-blank line; bad rows name file:line."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8") from None
-    rows = []
-    # split on \n only: str.splitlines() also breaks at U+2028, which JSON allows in strings
-    for n, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            rows.append((n, *check_preference_row(line, f"{path}:{n}")))
-    if not rows:
-        raise DataError(f"{path}: no preference pairs in the file")
-    return rows
-
-
-def check_preference_row(line: str, where: str) -> tuple[str, str, str]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object with keys {', '.join(KEYS)}")
-    for key in KEYS:
-        if key not in row:
-            raise DataError(f"{where}: missing key {key!r}")
-        if not isinstance(row[key], str):
-            raise DataError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
-        if not row[key].strip():
-            raise DataError(f"{where}: {key!r} is empty")
-    if row["chosen"] == row["rejected"]:
+def check_preference_row(row: dict, where: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of one JSONL row: three non-empty strings, two different."""
+    prompt, chosen, rejected = (require_text(row, key, where) for key in KEYS)
+    if chosen == rejected:
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
-    return row["prompt"], row["chosen"], row["rejected"]
+    return prompt, chosen, rejected
 
 
-def load_preferences(path: str | Path, tokenizer, max_len: int) -> PreferenceSet:
-    """Read, validate and tokenize a preference file; prompt + response must fit `max_len`."""
-    path = Path(path)
+def tokenize_pair(tokenizer, row: tuple[str, str, str], max_len: int, where: str) -> tuple:
+    """(prompt ids, chosen ids, rejected ids) of a checked row; each response ends with EOS and
+    prompt + response must fit `max_len`."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompts, p_ids, c_ids, r_ids = [], [], [], []
-    for line, prompt, chosen, rejected in read_preference_rows(path):
-        p = tuple(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        sides = []
-        for key, text in (("chosen", chosen), ("rejected", rejected)):
-            ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
-            if len(p) + len(ids) > max_len:
-                raise DataError(
-                    f"{path}:{line}: prompt + {key} is {len(p) + len(ids)} tokens, more than "
-                    f"data.max_len={max_len}"
-                )
-            sides.append(ids)
-        prompts.append(prompt)
-        p_ids.append(p)
-        c_ids.append(sides[0])
-        r_ids.append(sides[1])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
-    return PreferenceSet(tuple(prompts), tuple(p_ids), tuple(c_ids), tuple(r_ids), pad)
+    prompt, chosen, rejected = row
+    p = tuple(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    sides = []
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
+        if len(p) + len(ids) > max_len:
+            raise DataError(
+                f"{where}: prompt + {key} is {len(p) + len(ids)} tokens, more than "
+                f"data.max_len={max_len}"
+            )
+        sides.append(ids)
+    return p, sides[0], sides[1]
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0."""
+    for tok in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok is not None:
+            return tok
+    return 0
+
+
+def load_preferences(
+    path: str | Path, tokenizer, max_len: int, on_bad_row: OnBadRow = "error"
+) -> PreferenceSet:
+    """Read, validate and tokenize a preference file; prompt + response must fit `max_len`."""
+
+    def check(row: dict, where: str) -> tuple:
+        text = check_preference_row(row, where)
+        return (text[0], *tokenize_pair(tokenizer, text, max_len, where))
+
+    rows, _ = read_jsonl(path, check, on_bad_row, "preference pairs")
+    cols = list(zip(*(r for _, r in rows)))
+    return PreferenceSet(*(tuple(c) for c in cols), pad_id(tokenizer))

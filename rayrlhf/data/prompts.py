@@ -6,41 +6,17 @@ step 900 because of row 9,000.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from rayrlhf.config import DataConfig
 from rayrlhf.data.demo_task import demo_prompts
-
-
-class DataError(ValueError):
-    """A malformed dataset; the message names the file and line."""
+from rayrlhf.data.jsonl import DataError, read_jsonl, require_text
 
 
 def read_jsonl_prompts(path: Path, key: str) -> list[tuple[int, str]]:
-    """(line number, prompt) for every non-blank line of a JSONL file."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8") from None
-    rows = []
-    # split on \n only: str.splitlines() also breaks at U+2028 etc., which JSON allows in strings
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or key not in row:
-            raise DataError(f"{path}:{n}: missing key {key!r}")
-        if not isinstance(row[key], str) or not row[key].strip():
-            raise DataError(f"{path}:{n}: {key!r} must be a non-empty string")
-        rows.append((n, row[key]))
-    if not rows:
-        raise DataError(f"{path}: no prompts in the file")
+    """(line number, prompt) for every non-blank line of a JSONL file; bad rows name file:line."""
+    rows, _ = read_jsonl(path, lambda row, where: require_text(row, key, where), what="prompts")
     return rows
 
 

@@ -7,7 +7,6 @@ Bradley-Terry loss) and `on_bad_row="skip"`, which drops bad rows and counts the
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rayrlhf.data.jsonl import OnBadRow, read_jsonl
-from rayrlhf.data.preferences import PreferenceBatch, PreferenceSet, check_preference_row
-from rayrlhf.data.prompts import DataError
+from rayrlhf.data.jsonl import DataError, OnBadRow, read_jsonl
+from rayrlhf.data.preferences import (
+    PreferenceBatch,
+    PreferenceSet,
+    check_preference_row,
+    pad_id,
+    tokenize_pair,
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class RewardPairSet:
 
 def check_reward_row(row: dict, where: str) -> tuple[str, str, str, float]:
     """(prompt, chosen, rejected, margin); the margin must be a finite number if present."""
-    prompt, chosen, rejected = check_preference_row(json.dumps(row), where)
+    prompt, chosen, rejected = check_preference_row(row, where)
     margin = row.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, int | float):
         raise DataError(f"{where}: 'margin' must be a number, got {type(margin).__name__}")
@@ -86,24 +90,13 @@ def load_reward_pairs(
     path: str | Path, tokenizer, max_len: int, on_bad_row: OnBadRow = "error"
 ) -> RewardPairSet:
     """Read, validate and tokenize; a pair whose prompt + response exceeds `max_len` is bad."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(row: dict, where: str) -> tuple:
         prompt, chosen, rejected, margin = check_reward_row(row, where)
-        p = tuple(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        sides = []
-        for key, text in (("chosen", chosen), ("rejected", rejected)):
-            ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
-            if len(p) + len(ids) > max_len:
-                raise DataError(
-                    f"{where}: prompt + {key} is {len(p) + len(ids)} tokens, more than "
-                    f"data.max_len={max_len}"
-                )
-            sides.append(ids)
-        return prompt, p, sides[0], sides[1], margin
+        ids = tokenize_pair(tokenizer, (prompt, chosen, rejected), max_len, where)
+        return prompt, *ids, margin
 
     rows, skipped = read_jsonl(path, tokenize, on_bad_row, "preference pairs")
     cols = list(zip(*(r for _, r in rows)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
-    pairs = PreferenceSet(tuple(cols[0]), tuple(cols[1]), tuple(cols[2]), tuple(cols[3]), pad)
+    pairs = PreferenceSet(*(tuple(c) for c in cols[:4]), pad_id(tokenizer))
     return RewardPairSet(pairs, tuple(cols[4]), len(skipped))

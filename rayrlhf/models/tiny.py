@@ -161,3 +161,8 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny") -> dict[str, P
         f"{fitted}"
     )
     return paths
+
+
+def make_tiny_main(out_dir: str, seed: int, size: str) -> None:
+    """`rayrlhf make-tiny`."""
+    make_tiny(out_dir, seed=seed, size=size)

@@ -10,30 +10,12 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from rayrlhf.cluster.weight_sync import ParamMeta, piece_bounds, plan_buckets
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """Where a rank sits in its ZeRO-3 group and how its optimizer steps."""
-
-    rank: int
-    world_size: int
-    master_addr: str
-    master_port: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    """Micro-batches per optimizer step on each rank."""
-    lr: float
-    weight_decay: float
-    grad_clip: float
-    seed: int
-    num_threads: int
+from rayrlhf.cluster.placement import RankSpec
+from rayrlhf.weight_sync.records import ParamMeta, piece_bounds, plan_buckets
 
 
 def deepspeed_config(spec: RankSpec, use_cuda: bool) -> dict:
@@ -41,13 +23,13 @@ def deepspeed_config(spec: RankSpec, use_cuda: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.grad_accum_steps,
-        "gradient_clipping": spec.grad_clip,
+        "gradient_clipping": spec.group.grad_clip,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": spec.lr,
-                "weight_decay": spec.weight_decay,
+                "lr": spec.group.lr,
+                "weight_decay": spec.group.weight_decay,
                 "torch_adam": not use_cuda,
             },
         },

@@ -16,8 +16,19 @@ import torch
 from rayrlhf.algorithms.kl import kl_loss_term
 from rayrlhf.algorithms.losses import entropy_bonus, ppo_policy_loss
 from rayrlhf.algorithms.masked import masked_mean
-from rayrlhf.cluster.collective import new_group
-from rayrlhf.cluster.weight_sync import (
+from rayrlhf.config import AlgorithmConfig
+from rayrlhf.models.forward import response_logprobs
+from rayrlhf.types import (
+    Experience,
+    LossNorm,
+    Rollout,
+    SyncResult,
+    TrainStats,
+    micro_batches,
+    timed,
+)
+from rayrlhf.weight_sync.collective import new_group
+from rayrlhf.weight_sync.records import (
     Fingerprint,
     ParamMeta,
     PieceRecord,
@@ -31,17 +42,6 @@ from rayrlhf.cluster.weight_sync import (
     send_broadcast,
     shared_memory_free,
     to_wire,
-)
-from rayrlhf.config import AlgorithmConfig
-from rayrlhf.models.forward import response_logprobs
-from rayrlhf.types import (
-    Experience,
-    LossNorm,
-    Rollout,
-    SyncResult,
-    TrainStats,
-    micro_batches,
-    timed,
 )
 from rayrlhf.workers.deepspeed_role import DeepSpeedRole
 

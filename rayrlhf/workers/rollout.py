@@ -7,27 +7,29 @@ and `collective_rpc` hands tensors to the worker by reference.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-from rayrlhf.cluster.weight_sync import ParamMeta
 from rayrlhf.config import RolloutConfig
-from rayrlhf.types import SyncResult, timed
+from rayrlhf.types import Sample, SyncResult, Timed, timed
+from rayrlhf.weight_sync.records import ParamMeta
 from rayrlhf.workers.host_memory import keep_freed_memory
 
-EXTENSION = "rayrlhf.workers.vllm_extension.WeightSyncExtension"
+EXTENSION = "rayrlhf.weight_sync.vllm_extension.WeightSyncExtension"
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One generated response."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logprobs: list[float]
-    """Engine logprob of each sampled response token."""
-    text: str
-    engine: int = 0
-    """Index of the engine that generated it."""
+def generate_on(
+    engines: list, prompt_ids: list[list[int]], seed: int, get, greedy: bool = False
+) -> list[Timed[list[Sample]]]:
+    """Split the prompts evenly over the engines (`RolloutEngine` actors) and wait with
+    `get(refs, phase)`; row i samples with seed + i on whichever engine, and the parts come back
+    in the prompts' order."""
+    m = len(engines)
+    bounds = [len(prompt_ids) * i // m for i in range(m + 1)]
+    calls = [
+        e.generate.remote(prompt_ids[a:b], seed + a, greedy)
+        for e, a, b in zip(engines, bounds, bounds[1:])
+        if b > a
+    ]
+    return get(calls, "generate")
 
 
 class RolloutEngine:

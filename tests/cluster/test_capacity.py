@@ -267,10 +267,11 @@ def test_cli_live_without_a_cluster_fails_fast():
 
 def test_roles_check_capacity_before_reserving(monkeypatch):
     """`Roles` fails on an unplaceable run before it reserves anything (no Ray needed)."""
-    from rayrlhf.cluster import roles
+    from rayrlhf.cluster import actors
+    from rayrlhf.recipes import ppo_roles as roles
 
     tiny = ClusterShape.from_yaml(SHAPES / "tiny-cpu-local.yaml")
     monkeypatch.setattr(roles, "cluster_shape_from_ray", lambda: tiny)
-    monkeypatch.setattr(roles, "reserve", lambda *a, **k: pytest.fail("reserve() was called"))
+    monkeypatch.setattr(actors, "reserve", lambda *a, **k: pytest.fail("reserve() was called"))
     with pytest.raises(PlacementError, match="rollout: .*CPU"):
         roles.Roles(load_config(None, ["rollout.num_engines=50"]))

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from rayrlhf.data.demo_task import GOOD_WORDS, positive_word_fraction
 from rayrlhf.data.demonstrations import load_demonstrations, synthetic_demonstrations
-from rayrlhf.data.prompts import DataError
+from rayrlhf.data.jsonl import DataError
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from rayrlhf.data.preferences import load_preferences, read_preference_rows
-from rayrlhf.data.prompts import DataError
+from rayrlhf.data.jsonl import DataError, read_jsonl
+from rayrlhf.data.preferences import check_preference_row, load_preferences
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,9 @@ LONGER = (
 
 def test_reads_rows_with_line_numbers_skipping_blank_lines(tmp_path):
     path = _jsonl(tmp_path, GOOD + "\n" + LONGER)
-    rows = read_preference_rows(path)
+    rows, _ = read_jsonl(path, check_preference_row)
     assert [r[0] for r in rows] == [1, 3]
-    assert rows[0][1:] == ("Tell me about the cat.", "it is warm.", "it is cold.")
+    assert rows[0][1] == ("Tell me about the cat.", "it is warm.", "it is cold.")
 
 
 def _row(**fields) -> str:

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from rayrlhf.config import DataConfig
-from rayrlhf.data.prompts import DataError, PromptSet, read_jsonl_prompts
+from rayrlhf.data.jsonl import DataError
+from rayrlhf.data.prompts import PromptSet, read_jsonl_prompts
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,10 @@ def test_custom_key(tmp_path):
     "bad_line, problem",
     [
         ('{"text": "no prompt key"}', "missing key 'prompt'"),
-        ('["prompt"]', "missing key 'prompt'"),
-        ('{"prompt": 17}', "must be a non-empty string"),
-        ('{"prompt": ""}', "must be a non-empty string"),
-        ('{"prompt": "   "}', "must be a non-empty string"),
+        ('["prompt"]', "expected a JSON object"),
+        ('{"prompt": 17}', "'prompt' must be a string, got int"),
+        ('{"prompt": ""}', "'prompt' is empty"),
+        ('{"prompt": "   "}', "'prompt' is empty"),
         ('{"prompt": "unterminated}', "not valid JSON"),
         ("not json at all", "not valid JSON"),
     ],
@@ -70,7 +71,7 @@ def test_truncated_last_line(tmp_path):
     with pytest.raises(DataError) as err:
         read_jsonl_prompts(path, "prompt")
     assert str(err.value).startswith(f"{path}:3: ")
-    assert "not valid JSON" in str(err.value)
+    assert "truncated last line" in str(err.value)
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])

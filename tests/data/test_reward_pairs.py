@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from rayrlhf.data.prompts import DataError
+from rayrlhf.data.jsonl import DataError
 from rayrlhf.data.reward_pairs import load_reward_pairs
 
 

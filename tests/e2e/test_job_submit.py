@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rayrlhf.cluster.collective import free_port
+from rayrlhf.cluster.placement import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from rayrlhf.cli import main
 from rayrlhf.data.demo_task import demo_prompts
 from rayrlhf.data.reward_pairs import load_reward_pairs
-from rayrlhf.gold_eval import greedy_gold_score
+from rayrlhf.runtime.gold_eval import greedy_gold_score
 from rayrlhf.types import Rollout
 from rayrlhf.workers.reward import RewardWorker
 

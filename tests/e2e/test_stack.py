@@ -16,11 +16,11 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rayrlhf.cluster.roles import Roles
-from rayrlhf.cluster.weight_sync import WeightSyncError
+from rayrlhf.algorithms.experience import assemble_rollout, loss_norms, make_experience
 from rayrlhf.config import load_config
 from rayrlhf.data.demo_task import demo_prompts
-from rayrlhf.experience import assemble_rollout, loss_norms, make_experience
+from rayrlhf.recipes.ppo_roles import Roles
+from rayrlhf.weight_sync.records import WeightSyncError
 from rayrlhf.workers.rollout import RolloutEngine
 
 pytestmark = pytest.mark.slow

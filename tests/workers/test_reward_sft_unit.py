@@ -13,7 +13,7 @@ from rayrlhf.data.demonstrations import SFTSet
 from rayrlhf.data.preferences import PreferenceSet
 from rayrlhf.data.reward_pairs import RewardPairSet
 from rayrlhf.models.forward import sequence_scores
-from rayrlhf.rm import init_reward_model, is_scalar_classifier
+from rayrlhf.recipes.rm import init_reward_model, is_scalar_classifier
 from rayrlhf.workers.reward_trainer import (
     RMStepStats,
     mean_rm_stats,

@@ -8,17 +8,9 @@ on GPU; the calls are the same.
 from __future__ import annotations
 
 import datetime
-import socket
 
 import torch
 import torch.distributed as dist
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free now on `host` (for a rendezvous store)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def resolve_backend(backend: str) -> str:

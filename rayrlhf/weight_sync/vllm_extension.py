@@ -22,8 +22,8 @@ from vllm.model_executor.model_loader.reload import (
     initialize_layerwise_reload,
 )
 
-from rayrlhf.cluster.collective import new_group
-from rayrlhf.cluster.weight_sync import (
+from rayrlhf.weight_sync.collective import new_group
+from rayrlhf.weight_sync.records import (
     Fingerprint,
     ParamMeta,
     SegmentBucket,

@@ -41,7 +41,7 @@ import torch
 import xxhash
 from torch import Tensor
 
-from rayrlhf.cluster.collective import broadcast
+from rayrlhf.weight_sync.collective import broadcast
 
 
 class WeightSyncError(RuntimeError):

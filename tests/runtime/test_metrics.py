@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rayrlhf.experience import RolloutStats
-from rayrlhf.metrics import PhaseTimer, PrometheusMetrics, step_record
-from rayrlhf.report import write_plots
+from rayrlhf.algorithms.experience import RolloutStats
+from rayrlhf.runtime.metrics import PhaseTimer, PrometheusMetrics, step_record
+from rayrlhf.runtime.plots import write_plots
 from rayrlhf.types import SyncResult, TrainStats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _timer(generate=2.0, score=1.0, advantage=0.1, train=3.0, sync=0.5) -> PhaseTimer:

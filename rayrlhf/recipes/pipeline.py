@@ -15,33 +15,30 @@ Each stage's own `run_dir` and `make_tiny_models` are set by the pipeline.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 from pydantic import Field, model_validator
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from rayrlhf.config import ConfigError, Section, TrainConfig, load_config, load_recipe
+from rayrlhf.cluster.capacity import cpus_needed
+from rayrlhf.cluster.placement import start_ray
+from rayrlhf.config import RunConfig, TrainConfig, load_config, load_recipe
 from rayrlhf.data.demo_task import demo_prompts
-from rayrlhf.data.prompts import DataError
-from rayrlhf.gold_eval import greedy_gold_score
-from rayrlhf.metrics import read_metrics
-from rayrlhf.rm import RMConfig, train_rm
-from rayrlhf.sft import SFTConfig, train_sft
+from rayrlhf.recipes.rm import RMConfig, train_rm
+from rayrlhf.recipes.sft import SFTConfig, train_sft
+from rayrlhf.runtime.gold_eval import greedy_gold_score
+from rayrlhf.runtime.run_dir import build_tiny_models, read_metrics
 
 DEFAULT_PIPELINE_CONFIG = "tiny-cpu-pipeline.yaml"
 EVAL_SEED_OFFSET = 99_991
 """Report prompts use seed + this, so they are drawn apart from PPO's training prompts."""
 
 
-class PipelineConfig(Section):
-    run_dir: str = "runs/tiny-pipeline"
-    """Output directory; the stages write into its sft/, rm/ and ppo/ sub-directories."""
-    seed: int = 0
-    """Seed of every stage and of the report's prompt draw."""
-    make_tiny_models: str | None = None
-    """Demo only: build the tiny models into this directory first if they are absent."""
+class PipelineConfig(RunConfig):
+    """`rayrlhf pipeline`: run_dir gets the stages' sft/, rm/ and ppo/ sub-directories and
+    report.json; seed seeds the report's prompt draw and the PPO stage."""
+
     sft: SFTConfig
     """The SFT stage (its run_dir and make_tiny_models are set by the pipeline)."""
     rm: RMConfig
@@ -62,7 +59,9 @@ class PipelineConfig(Section):
         """Point each stage at its sub-directory; the RM starts from the SFT policy by default."""
         if not isinstance(data, dict):
             return data
-        run = Path(data.get("run_dir", "runs/tiny-pipeline"))
+        if "run_dir" not in data:
+            return data  # validation then names the missing field
+        run = Path(data["run_dir"])
         sft = {**(data.get("sft") or {}), "run_dir": str(run / "sft"), "make_tiny_models": None}
         rm = {"model_path": str(run / "sft" / "model"), **(data.get("rm") or {})}
         rm.update(run_dir=str(run / "rm"), make_tiny_models=None)
@@ -146,16 +145,13 @@ def print_report(r: dict) -> None:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """SFT, then RM, then PPO (see the module docstring); returns the report."""
-    from rayrlhf.trainer import connect, train
+    from rayrlhf.recipes.ppo import train
 
     ppo = ppo_config(cfg)  # validated before any stage runs: a typo costs nothing
-    if cfg.make_tiny_models and not (Path(cfg.make_tiny_models) / "policy/config.json").exists():
-        from rayrlhf.models.tiny import make_tiny
-
-        make_tiny(cfg.make_tiny_models)
+    build_tiny_models(cfg.make_tiny_models)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    connect(ppo)
+    start_ray(ppo.ray_address, cpus_needed(ppo))
     print("== stage 1/3: SFT", flush=True)
     train_sft(cfg.sft)
     print("== stage 2/3: reward model", flush=True)
@@ -168,11 +164,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return result
 
 
-def pipeline_main(config: str | None, overrides: list[str]) -> int:
-    """`rayrlhf pipeline`: exit 0 on success, 2 on bad input found before a stage starts."""
-    try:
-        run_pipeline(load_pipeline_config(config, overrides))
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"rayrlhf: {err}", file=sys.stderr)
-        return 2
-    return 0
+def main(config: str | None, overrides: list[str]) -> None:
+    """`rayrlhf pipeline`."""
+    run_pipeline(load_pipeline_config(config, overrides))

@@ -8,17 +8,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from rayrlhf.config import ConfigError, TrainConfig
-
-
-def build_tiny_models(cfg: TrainConfig) -> None:
-    """Demo configs: build the tiny models into `make_tiny_models` unless already there."""
-    if (
-        cfg.make_tiny_models
-        and not (Path(cfg.make_tiny_models) / "policy" / "config.json").exists()
-    ):
-        from rayrlhf.models.tiny import make_tiny
-
-        make_tiny(cfg.make_tiny_models)
+from rayrlhf.runtime.run_dir import build_tiny_models
 
 
 def model_paths(cfg: TrainConfig) -> dict[str, str]:
@@ -72,7 +62,8 @@ def check_rule(cfg: TrainConfig) -> None:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    build_tiny_models(cfg)
+    """Every check above, after building the demo models if the recipe asks for them."""
+    build_tiny_models(cfg.make_tiny_models)
     check_paths(cfg)
     check_tokenizers(cfg)
     check_rule(cfg)

@@ -16,8 +16,7 @@ from rayrlhf.algorithms.losses import explained_variance
 from rayrlhf.algorithms.masked import masked_sum
 from rayrlhf.algorithms.rewards import RunningMoments, clip_rewards
 from rayrlhf.config import AlgorithmConfig
-from rayrlhf.types import Experience, LossNorm, Rollout, Scores, pad_rows
-from rayrlhf.workers.rollout import Sample
+from rayrlhf.types import Experience, LossNorm, Rollout, Sample, Scores, pad_rows
 
 
 @dataclass(frozen=True)

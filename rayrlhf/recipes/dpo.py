@@ -11,39 +11,29 @@ forward pass per pair and frees the reference's resources for the whole training
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import ray
 import torch
-import yaml
 from pydantic import Field, model_validator
-from ray.util.placement_group import remove_placement_group
 from transformers import AutoTokenizer
 
-from rayrlhf.cluster.placement import (
-    GroupSpec,
-    actor_options,
-    reserve,
-    start_zero3_ranks,
-    threads_for,
-)
-from rayrlhf.cluster.placement import connect as join_or_start
-from rayrlhf.cluster.waits import bounded_get
+from rayrlhf.cluster.actors import ActorSet
+from rayrlhf.cluster.placement import start_ray, threads_for
 from rayrlhf.config import (
     ConfigError,
     PolicyConfig,
+    RayRunConfig,
     ReferenceConfig,
     Section,
     load_recipe,
 )
 from rayrlhf.data.preferences import PreferenceSet, load_preferences
-from rayrlhf.data.prompts import DataError
 from rayrlhf.data.synthetic import train_and_held_out
+from rayrlhf.runtime.run_dir import MetricsWriter, write_run_config
+from rayrlhf.runtime.zero3_run import check_data_source
+from rayrlhf.runtime.zero3_run import prepare_inputs as prepare_run_inputs
 from rayrlhf.types import shard_rows
 from rayrlhf.workers.dpo import (
     DPOPolicyWorker,
@@ -54,8 +44,6 @@ from rayrlhf.workers.dpo import (
     implicit_reward_eval,
     mean_dpo_stats,
 )
-from rayrlhf.zero3_run import check_data_source
-from rayrlhf.zero3_run import prepare_inputs as prepare_run_inputs
 
 DEFAULT_DPO_CONFIG = "dpo-tiny-cpu.yaml"
 CHUNK_PAIRS = 256
@@ -73,13 +61,10 @@ class DPODataConfig(Section):
     """Most tokens in prompt + response (either side); a longer pair is an error (file:line)."""
 
 
-class DPOConfig(Section):
-    """A DPO run: `rayrlhf dpo --config FILE --set key=value`."""
+class DPOConfig(RayRunConfig):
+    """A DPO run: `rayrlhf dpo --config FILE --set key=value`. run_dir gets metrics.jsonl,
+    config.yaml, the final HF policy (and the synthetic data)."""
 
-    run_dir: str = "runs/tiny-dpo"
-    """Output directory: metrics.jsonl, config.yaml, the final HF policy (and synthetic data)."""
-    seed: int = 0
-    """Seed for pair order, initialisation and synthetic data."""
     epochs: int = Field(1, ge=1)
     """Passes over the training pairs (ignored when `steps` is set)."""
     steps: int | None = Field(None, ge=1)
@@ -92,16 +77,8 @@ class DPOConfig(Section):
     """cDPO: assumed probability that a preference label is flipped (sigmoid loss only)."""
     batch_size: int = Field(32, ge=1)
     """Pairs per optimizer step, over all ranks."""
-    make_tiny_models: str | None = None
-    """Demo only: build the tiny models into this directory first if they are absent."""
     synthetic_pairs: int | None = Field(None, ge=1)
     """Demo only: generate this many training pairs (and 100 held-out ones) into run_dir/data."""
-    ray_address: str | None = None
-    """Ray cluster address; None joins the job's cluster or starts a local one."""
-    phase_timeout_s: float = Field(900.0, gt=0)
-    """Longest wait for one phase (reference, train step, eval, save) before an error."""
-    placement_timeout_s: float = Field(60.0, gt=0)
-    """Longest wait to reserve a role's resources before failing with what is missing."""
     save_final: bool = True
     """Save the final policy in HF format under run_dir/policy."""
     policy: PolicyConfig
@@ -142,72 +119,23 @@ def prepare_inputs(cfg: DPOConfig) -> tuple[Path, Path | None]:
     return prepare_run_inputs(cfg, models, cfg.synthetic_pairs, train_and_held_out)
 
 
-def connect(cfg: DPOConfig) -> None:
-    """Join the configured cluster, the job's cluster, or start a local one big enough."""
-    needed = cfg.policy.num_ranks * cfg.policy.resources.num_cpus
-    join_or_start(cfg.ray_address, needed + cfg.reference.resources.num_cpus)
-
-
-# ---- the actors ----------------------------------------------------------------------------
-
-
-@dataclass
-class DPOActors:
-    """The policy ranks and the reference actor, each role in its own placement group."""
-
-    policy: list
-    reference: object | None
-    timeout: float
-    placement_groups: list = field(default_factory=list)
-
-    def get(self, refs, phase: str):
-        """`ray.get` bounded by the phase timeout, with an error that names the phase."""
-        return bounded_get(refs, self.timeout, phase)
-
-    def release_reference(self) -> None:
-        """Kill the reference actor and free its bundle: its log-probs are cached."""
-        if self.reference is not None:
-            ray.kill(self.reference)
-            remove_placement_group(self.placement_groups.pop())
-            self.reference = None
-
-    def shutdown(self) -> None:
-        for actor in [*self.policy, self.reference]:
-            if actor is not None:
-                ray.kill(actor)
-        for pg in self.placement_groups:
-            remove_placement_group(pg)
-
-
-def start_actors(cfg: DPOConfig, actors: DPOActors) -> None:
-    """Reserve and start the ZeRO-3 policy ranks, then the reference (its group is last).
-
-    Fills `actors` as it goes, so the caller's `shutdown` also cleans up a failed start.
-    """
-    pol = cfg.policy
-    pg = reserve("policy", pol.resources, pol.num_ranks, cfg.placement_timeout_s)
-    actors.placement_groups.append(pg)
-    spec = GroupSpec(
-        pol.model_path, pol.num_ranks, pol.micro_batch_size,
-        cfg.batch_size // (pol.num_ranks * pol.micro_batch_size), pol.lr, pol.weight_decay,
-        pol.grad_clip, cfg.seed, pol.resources,
+def start_actors(cfg: DPOConfig, actors: ActorSet) -> tuple[list, object]:
+    """The ZeRO-3 policy ranks, then the reference actor, each role in its own group."""
+    pol, ref = cfg.policy, cfg.reference
+    accum = cfg.batch_size // (pol.num_ranks * pol.micro_batch_size)
+    policy = actors.start_zero3("policy", DPOPolicyWorker, pol, accum, cfg.seed)
+    reference = actors.start_one(
+        "reference", DPOReferenceWorker, ref.resources, ref.model_path or pol.model_path,
+        ref.micro_batch_size, threads_for(ref.resources),
     )  # fmt: skip
-    actors.policy.extend(start_zero3_ranks(DPOPolicyWorker, pg, spec))
-    ref = cfg.reference
-    pg = reserve("reference", ref.resources, 1, cfg.placement_timeout_s)
-    actors.placement_groups.append(pg)
-    actors.reference = (
-        ray.remote(DPOReferenceWorker)
-        .options(**actor_options(pg, 0, ref.resources))
-        .remote(ref.model_path or pol.model_path, ref.micro_batch_size, threads_for(ref.resources))
-    )
-    actors.get([a.__ray_ready__.remote() for a in [*actors.policy, actors.reference]], "start-up")
+    actors.wait_ready()
+    return policy, reference
 
 
 # ---- the phases ----------------------------------------------------------------------------
 
 
-def set_logps(actors: DPOActors, group: list, pairs: PreferenceSet, phase: str) -> PairLogps:
+def set_logps(actors: ActorSet, group: list, pairs: PreferenceSet, phase: str) -> PairLogps:
     """Log-probs of every pair under `group` (the policy ranks, or [the reference]).
 
     Each chunk gets one equal shard per actor (ZeRO-3 forwards are collective): rows are
@@ -227,15 +155,16 @@ def set_logps(actors: DPOActors, group: list, pairs: PreferenceSet, phase: str) 
 
 
 def train_step(
-    actors: DPOActors, cfg: DPOConfig, pairs: PreferenceSet, ref: PairLogps, idx: list[int]
+    actors: ActorSet, cfg: DPOConfig, pairs: PreferenceSet, ref: PairLogps, idx: list[int]
 ) -> DPOStepStats:
     """One DPO optimizer step on the pairs `idx`, sharded evenly over the ranks."""
-    n = len(actors.policy)
+    policy = actors.actors["policy"]
+    n = len(policy)
     rows = torch.tensor(idx)
     ref_c, ref_r = ref.chosen[rows].chunk(n), ref.rejected[rows].chunk(n)
     calls = [
         a.dpo_step.remote(s, c, r, cfg.beta, cfg.label_smoothing, cfg.loss_type)
-        for a, s, c, r in zip(actors.policy, shard_rows(pairs.batch(idx), n), ref_c, ref_r)
+        for a, s, c, r in zip(policy, shard_rows(pairs.batch(idx), n), ref_c, ref_r)
     ]
     return mean_dpo_stats(actors.get(calls, "train"))
 
@@ -247,13 +176,12 @@ class DPOLog:
     """Appends records to metrics.jsonl and prints one progress line per record."""
 
     def __init__(self, run_dir: Path, total_steps: int) -> None:
-        self.path, self.total, self.start = run_dir / "metrics.jsonl", total_steps, time.time()
-        self.path.unlink(missing_ok=True)
+        self.out, self.total, self.start = MetricsWriter(run_dir), total_steps, time.time()
 
     def step(self, step: int, epoch: int, s: DPOStepStats, seconds: float) -> None:
         names = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin")
         rec = {"step": step, "epoch": epoch, **{f"dpo/{k}": getattr(s, k) for k in names}}
-        self._write({**rec, "time/step": seconds})
+        self.out.write({**rec, "time/step": seconds})
         eta = (time.time() - self.start) / (step + 1) * (self.total - step - 1)
         print(
             f"step {step + 1}/{self.total} | loss {s.loss:.4f} | acc {s.reward_accuracy:.2f} "
@@ -263,7 +191,7 @@ class DPOLog:
         )
 
     def eval(self, step: int, epoch: int, e: EvalStats) -> None:
-        self._write(
+        self.out.write(
             {"step": step, "epoch": epoch, "eval/reward_accuracy": e.reward_accuracy,
              "eval/margin": e.margin, "eval/pairs": e.pairs}
         )  # fmt: skip
@@ -272,10 +200,6 @@ class DPOLog:
             f"| margin {e.margin:+.3f} | {e.pairs} pairs",
             flush=True,
         )
-
-    def _write(self, rec: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
 
 
 def train_dpo(cfg: DPOConfig) -> Path:
@@ -289,27 +213,20 @@ def train_dpo(cfg: DPOConfig) -> Path:
             f"invalid config:\n  batch_size: {cfg.batch_size} is more than the {len(pairs)} "
             f"pairs in {train_path}"
         )
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_text)
-    connect(cfg)
+    run_dir = write_run_config(cfg, cfg.run_dir)
+    pol, ref_cpus = cfg.policy, cfg.reference.resources.num_cpus
+    start_ray(cfg.ray_address, pol.num_ranks * pol.resources.num_cpus + ref_cpus)
     print(f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), reference", flush=True)
-    actors = DPOActors([], None, cfg.phase_timeout_s)
-    try:
-        start_actors(cfg, actors)
-        ref = set_logps(actors, [actors.reference], pairs, "reference")
-        ref_eval = (
-            set_logps(actors, [actors.reference], held_out, "reference") if held_out else None
-        )
-        actors.release_reference()
+    with ActorSet(cfg.phase_timeout_s, cfg.placement_timeout_s) as actors:
+        policy, reference = start_actors(cfg, actors)
+        ref = set_logps(actors, [reference], pairs, "reference")
+        ref_eval = set_logps(actors, [reference], held_out, "reference") if held_out else None
+        actors.release("reference")  # its log-probs are cached: free its resources
         log = DPOLog(run_dir, _total_steps(cfg, pairs))
         _loop(actors, cfg, pairs, ref, held_out, ref_eval, log)
         if cfg.save_final:
-            actors.get([a.save.remote(str(run_dir / "policy")) for a in actors.policy], "save")
+            actors.get([a.save.remote(str(run_dir / "policy")) for a in policy], "save")
             print(f"final policy (HF format): {run_dir / 'policy'}", flush=True)
-    finally:
-        actors.shutdown()
     return run_dir
 
 
@@ -318,7 +235,7 @@ def _total_steps(cfg: DPOConfig, pairs: PreferenceSet) -> int:
 
 
 def _loop(
-    actors: DPOActors,
+    actors: ActorSet,
     cfg: DPOConfig,
     pairs: PreferenceSet,
     ref: PairLogps,
@@ -338,15 +255,10 @@ def _loop(
         stats = train_step(actors, cfg, pairs, ref, idx)
         log.step(step, epoch, stats, time.perf_counter() - start)
         if held_out is not None and (b == per_epoch - 1 or step == total - 1):
-            policy = set_logps(actors, actors.policy, held_out, "eval")
+            policy = set_logps(actors, actors.actors["policy"], held_out, "eval")
             log.eval(step, epoch, implicit_reward_eval(policy, ref_eval, cfg.beta))
 
 
-def dpo_main(config: str | None, overrides: list[str]) -> int:
-    """`rayrlhf dpo`: exit 0 on success, 2 on bad input found before Ray starts."""
-    try:
-        train_dpo(load_dpo_config(config, overrides))
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"rayrlhf: {err}", file=sys.stderr)
-        return 2
-    return 0
+def main(config: str | None, overrides: list[str]) -> None:
+    """`rayrlhf dpo`."""
+    train_dpo(load_dpo_config(config, overrides))

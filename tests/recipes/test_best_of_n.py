@@ -2,8 +2,8 @@
 
 import torch
 
-from rayrlhf.best_of_n import select_best
-from rayrlhf.workers.rollout import Sample
+from rayrlhf.recipes.best_of_n import select_best
+from rayrlhf.types import Sample
 
 
 def test_select_best_keeps_each_prompts_highest_scoring_sample():

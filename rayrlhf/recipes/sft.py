@@ -7,30 +7,29 @@ save   run_dir/model, an HF causal LM usable as the PPO policy and reference
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from rayrlhf.config import ConfigError, Section, load_recipe
+from rayrlhf.cluster.actors import ActorSet
+from rayrlhf.config import Section, load_recipe
 from rayrlhf.data.demonstrations import SFTSet, load_demonstrations, synthetic_demonstrations
-from rayrlhf.data.prompts import DataError
-from rayrlhf.types import shard_rows
-from rayrlhf.workers.sft import SFTWorker
-from rayrlhf.zero3_run import (
-    MetricsFile,
-    Zero3Group,
+from rayrlhf.runtime.run_dir import MetricsWriter, write_run_config
+from rayrlhf.runtime.zero3_run import (
+    TRAINER,
     Zero3RunConfig,
+    call_ranks,
     check_data_source,
     load_splits,
     padded_indices,
     prepare_inputs,
     run_epochs,
     run_group,
-    write_run_config,
 )
+from rayrlhf.types import shard_rows
+from rayrlhf.workers.sft import SFTWorker
 
 DEFAULT_SFT_CONFIG = "sft-tiny-cpu.yaml"
 CHUNK_ROWS = 256
@@ -67,9 +66,9 @@ def load_sft_config(path: str | Path | None = None, overrides: list[str] = ()) -
     return load_recipe(SFTConfig, DEFAULT_SFT_CONFIG, path, list(overrides))
 
 
-def evaluate(group: Zero3Group, rows: SFTSet) -> float:
+def evaluate(group: ActorSet, rows: SFTSet) -> float:
     """Mean response-token NLL over all of `rows`; repeats that pad shards carry no tokens."""
-    n, refs = len(group.ranks), []
+    n, refs = len(group.actors[TRAINER]), []
     for start in range(0, len(rows), CHUNK_ROWS):
         idx = list(range(start, min(start + CHUNK_ROWS, len(rows))))
         batch = rows.batch(padded_indices(idx, n))
@@ -77,26 +76,28 @@ def evaluate(group: Zero3Group, rows: SFTSet) -> float:
         mask[len(idx) :] = 0
         refs += [
             a.evaluate.remote(s)
-            for a, s in zip(group.ranks, shard_rows(replace(batch, action_mask=mask), n))
+            for a, s in zip(group.actors[TRAINER], shard_rows(replace(batch, action_mask=mask), n))
         ]
     nll, tokens = (sum(col) for col in zip(*group.get(refs, "eval")))
     return nll / max(tokens, 1)
 
 
-def _log_eval(log: MetricsFile, group: Zero3Group, held_out: SFTSet, step: int, epoch: int):
+def _log_eval(log: MetricsWriter, group: ActorSet, held_out: SFTSet, step: int, epoch: int):
     loss = evaluate(group, held_out)
     log.write({"step": step, "epoch": epoch, "eval/loss": loss})
     print(f"eval after epoch {epoch} | held-out loss {loss:.4f}", flush=True)
 
 
-def _step(group: Zero3Group, rows: SFTSet, idx: list[int]) -> tuple[dict, str]:
-    stats = group.call("train_step", shard_rows(rows.batch(idx), len(group.ranks)), "train")
+def _step(group: ActorSet, rows: SFTSet, idx: list[int]) -> tuple[dict, str]:
+    stats = call_ranks(
+        group, "train_step", shard_rows(rows.batch(idx), len(group.actors[TRAINER])), "train"
+    )
     tokens = sum(s.tokens for s in stats)
     loss = sum(s.loss * s.tokens for s in stats) / max(tokens, 1)
     return {"sft/loss": loss, "sft/tokens": tokens}, f"loss {loss:.4f} | {tokens} tokens"
 
 
-def _loop(cfg: SFTConfig, sets: dict[str, SFTSet], group: Zero3Group, log: MetricsFile):
+def _loop(cfg: SFTConfig, sets: dict[str, SFTSet], group: ActorSet, log: MetricsWriter):
     rows, held_out = sets["train"], sets.get("eval")
     evaluate = None if held_out is None else partial(_log_eval, log, group, held_out)
     run_epochs(
@@ -110,17 +111,12 @@ def train_sft(cfg: SFTConfig) -> Path:
     models = {"model_path": cfg.model_path}
     train, held_out = prepare_inputs(cfg, models, cfg.synthetic_demos, synthetic_demonstrations)
     sets = load_splits(cfg, load_demonstrations, train, held_out, "rows")
-    run_dir = write_run_config(cfg)
+    run_dir = write_run_config(cfg, cfg.run_dir)
     loop = partial(_loop, cfg, sets)
-    run_group(cfg, SFTWorker, "sft", cfg.model_path, loop, trainer="SFT", saved="SFT policy")
+    run_group(cfg, SFTWorker, cfg.model_path, loop, trainer="SFT", saved="SFT policy")
     return run_dir
 
 
-def sft_main(config: str | None, overrides: list[str]) -> int:
-    """`rayrlhf sft`: exit 0 on success, 2 on bad input found before Ray starts."""
-    try:
-        train_sft(load_sft_config(config, overrides))
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"rayrlhf: {err}", file=sys.stderr)
-        return 2
-    return 0
+def main(config: str | None, overrides: list[str]) -> None:
+    """`rayrlhf sft`."""
+    train_sft(load_sft_config(config, overrides))

@@ -17,36 +17,36 @@ from collections import deque
 
 import ray
 import torch
-from ray.util.placement_group import placement_group_table, remove_placement_group
+from ray.util.placement_group import placement_group_table
 
+from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
-from rayrlhf.cluster.collective import resolve_backend
-from rayrlhf.cluster.placement import (
-    GroupSpec,
-    actor_options,
-    address_and_port,
-    reserve,
-    start_zero3_ranks,
-    threads_for,
-)
-from rayrlhf.cluster.waits import bounded_get
-from rayrlhf.cluster.weight_sync import segment_offsets
-from rayrlhf.config import Resources, TrainConfig
+from rayrlhf.cluster.placement import address_and_port, threads_for
+from rayrlhf.config import RankGroupConfig, TrainConfig
 from rayrlhf.types import (
     Experience,
     LossNorm,
     Rollout,
+    Sample,
     Scores,
     SyncResult,
     Timed,
     TrainStats,
     shard_rows,
 )
+from rayrlhf.weight_sync.collective import resolve_backend
+from rayrlhf.weight_sync.records import segment_offsets
 from rayrlhf.workers.critic import CriticWorker
 from rayrlhf.workers.policy import PolicyWorker, mean_stats
 from rayrlhf.workers.reference import ReferenceWorker
 from rayrlhf.workers.reward import RewardWorker
-from rayrlhf.workers.rollout import RolloutEngine, Sample
+from rayrlhf.workers.rollout import RolloutEngine, generate_on
+
+
+def grad_accum_steps(cfg: TrainConfig, group: RankGroupConfig) -> int:
+    """Micro-batches per optimizer step on each rank of `group`."""
+    per_step = cfg.algorithm.rollout_batch_size // cfg.algorithm.num_mini_batches
+    return per_step // (group.num_ranks * group.micro_batch_size)
 
 
 def _shards(actors: list, batch) -> list[tuple]:
@@ -63,53 +63,48 @@ def _busy(timer, **groups: list[Timed]) -> None:
 
 
 class Roles:
-    """Handles to every actor of a run, created in their own placement groups."""
+    """Handles to every actor of a run, created in their own placement groups. A failure while
+    they start releases every actor already started."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        # Fail in seconds, naming the role, rather than after placement_timeout_s.
-        check_capacity(cfg, cluster_shape_from_ray())
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
         self._num_buckets: dict[float, int] = {}
         self._syncs = 0  # syncs so far: every `sync.verify_every`-th hashes the bytes
-        self.placement_groups: dict[str, object] = {}
-        pol, crt = cfg.policy, cfg.active_critic
-        self.policy = self._zero3_group(
-            "policy", PolicyWorker, pol.model_path, pol, pol.weight_decay
+        self.actors = ActorSet(cfg.phase_timeout_s, cfg.placement_timeout_s)
+        try:
+            self._start(cfg)
+        except BaseException:
+            self.actors.shutdown()
+            raise
+
+    def _start(self, cfg: TrainConfig) -> None:
+        # Fail in seconds, naming the role, rather than after placement_timeout_s.
+        check_capacity(cfg, cluster_shape_from_ray())
+        actors, seed = self.actors, cfg.seed
+        self.policy = actors.start_zero3(
+            "policy", PolicyWorker, cfg.policy, grad_accum_steps(cfg, cfg.policy), seed
         )
-        # Critic-free estimators: no critic actor, no resources reserved for one.
+        crt = cfg.active_critic  # critic-free estimators: no actor, no resources reserved
         self.critic = (
-            self._zero3_group("critic", CriticWorker, crt.model_path, crt, 0.0) if crt else []
+            actors.start_zero3("critic", CriticWorker, crt, grad_accum_steps(cfg, crt), seed)
+            if crt
+            else []
         )
-        ref_path = cfg.reference.model_path or pol.model_path
-        self.reference = self._single(
-            "reference",
-            ReferenceWorker,
-            cfg.reference.resources,
-            ref_path,
-            cfg.reference.micro_batch_size,
-            threads_for(cfg.reference.resources),
-        )
-        rw = cfg.reward
-        self.reward = self._single(
-            "reward",
-            RewardWorker,
-            rw.resources,
-            rw.model_path,
-            rw.rule,
-            rw.micro_batch_size,
+        ref, rw, ro = cfg.reference, cfg.reward, cfg.rollout
+        self.reference = actors.start_one(
+            "reference", ReferenceWorker, ref.resources, ref.model_path or cfg.policy.model_path,
+            ref.micro_batch_size, threads_for(ref.resources),
+        )  # fmt: skip
+        self.reward = actors.start_one(
+            "reward", RewardWorker, rw.resources, rw.model_path, rw.rule, rw.micro_batch_size,
             threads_for(rw.resources),
-        )
-        ro = cfg.rollout
-        pg = self._reserve("rollout", ro.resources, ro.num_engines)
-        self.engines = [
-            ray.remote(RolloutEngine)
-            .options(**actor_options(pg, i, ro.resources))
-            .remote(pol.model_path, ro, cfg.seed, i)
-            for i in range(ro.num_engines)
-        ]
-        # Actor constructors run concurrently; this surfaces any start-up error.
-        self.get([a.__ray_ready__.remote() for a in self.all_actors()], "start-up")
+        )  # fmt: skip
+        self.engines = actors.start(
+            "rollout", RolloutEngine, ro.resources, ro.num_engines,
+            lambda i: (cfg.policy.model_path, ro, seed, i),
+        )  # fmt: skip
+        actors.wait_ready()
         self.transport = self._resolve_transport()
         if self.transport == "shared_memory":
             self.open_segment()
@@ -117,35 +112,15 @@ class Roles:
             self._init_broadcast_group()
 
     def all_actors(self) -> list:
-        return [*self.policy, *self.critic, self.reference, self.reward, *self.engines]
+        return self.actors.all()
 
     def get(self, refs, phase: str):
         """`ray.get` bounded by the phase timeout, with an error that names the phase."""
-        return bounded_get(refs, self.timeout, phase)
-
-    def _reserve(self, role: str, res: Resources, count: int):
-        pg = reserve(role, res, count, self.cfg.placement_timeout_s)
-        self.placement_groups[role] = pg
-        return pg
-
-    def _single(self, role: str, cls, res: Resources, *args):
-        pg = self._reserve(role, res, 1)
-        return ray.remote(cls).options(**actor_options(pg, 0, res)).remote(*args)
-
-    def _zero3_group(self, role: str, cls, model_path: str, rc, weight_decay: float) -> list:
-        algorithm = self.cfg.algorithm
-        accum = algorithm.rollout_batch_size // (
-            rc.num_ranks * rc.micro_batch_size * algorithm.num_mini_batches
-        )
-        spec = GroupSpec(
-            model_path, rc.num_ranks, rc.micro_batch_size, accum, rc.lr, weight_decay,
-            rc.grad_clip, self.cfg.seed, rc.resources,
-        )  # fmt: skip
-        return start_zero3_ranks(cls, self._reserve(role, rc.resources, rc.num_ranks), spec)
+        return self.actors.get(refs, phase)
 
     def _nodes(self, *roles: str) -> set[str]:
         """The Ray nodes that `roles`' reserved bundles are on."""
-        tables = [placement_group_table(self.placement_groups[r]) for r in roles]
+        tables = [placement_group_table(self.actors.groups[r]) for r in roles]
         return {node for t in tables for node in t["bundles_to_node_id"].values()}
 
     def _resolve_transport(self) -> str:
@@ -210,14 +185,7 @@ class Roles:
         self, prompt_ids: list[list[int]], seed: int, greedy: bool = False, timer=None
     ) -> list[Sample]:
         """Split the prompts evenly over the engines; results keep the prompts' order."""
-        m = len(self.engines)
-        bounds = [len(prompt_ids) * i // m for i in range(m + 1)]
-        calls = [
-            e.generate.remote(prompt_ids[a:b], seed + a, greedy)
-            for e, a, b in zip(self.engines, bounds, bounds[1:])
-            if b > a
-        ]
-        parts = self.get(calls, "generate")
+        parts = generate_on(self.engines, prompt_ids, seed, self.get, greedy)
         _busy(timer, generate=parts)
         return [s for part in parts for s in part.value]
 
@@ -333,7 +301,4 @@ class Roles:
 
     def shutdown(self) -> None:
         """Kill every actor and release the role groups' reservations."""
-        for actor in self.all_actors():
-            ray.kill(actor)
-        for pg in self.placement_groups.values():
-            remove_placement_group(pg)
+        self.actors.shutdown()

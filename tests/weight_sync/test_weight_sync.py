@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rayrlhf.cluster import collective
-from rayrlhf.cluster.weight_sync import (
+from rayrlhf.cluster.placement import free_port
+from rayrlhf.weight_sync import collective
+from rayrlhf.weight_sync.records import (
     SEGMENT_ALIGN,
     Fingerprint,
     ParamMeta,
@@ -271,7 +272,7 @@ def test_broadcast_sync_three_processes():
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port, default_port = collective.free_port(), collective.free_port()
+    port, default_port = free_port(), free_port()
     procs = [
         ctx.Process(
             target=_sync_worker, args=(r, port, default_port, plan, buckets, results), daemon=True
@@ -540,9 +541,9 @@ def test_segment_corruption_and_misplaced_writes_are_detected(tmp_path):
 
 
 def test_segment_refuses_to_create_beyond_free_space(tmp_path, monkeypatch):
-    from rayrlhf.cluster import weight_sync
+    from rayrlhf.weight_sync import records
 
-    monkeypatch.setattr(weight_sync, "shared_memory_free", lambda directory: 2**20)
+    monkeypatch.setattr(records, "shared_memory_free", lambda directory: 2**20)
     with pytest.raises(OSError, match=r"0\.00 GiB free.*needs 0\.01 GiB.*--shm-size"):
         SharedSegment(str(tmp_path / "segment"), 10 * 2**20, create=True)
     assert not (tmp_path / "segment").exists()

@@ -6,18 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from rayrlhf.algorithms.experience import assemble_rollout, make_experience
 from rayrlhf.config import AlgorithmConfig
-from rayrlhf.experience import assemble_rollout, make_experience
-from rayrlhf.types import Experience, Rollout, Scores, micro_batches, shard_rows
-from rayrlhf.workers.rollout import Sample
+from rayrlhf.types import Experience, Rollout, Sample, Scores, micro_batches, shard_rows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAD = 0
 
 
 def test_rollout_module_does_not_import_vllm():
     code = (
-        "import sys, rayrlhf.workers.rollout, rayrlhf.experience; "
+        "import sys, rayrlhf.workers.rollout, rayrlhf.algorithms.experience; "
         "print('vllm' in sys.modules or any(m.startswith('vllm.') for m in sys.modules))"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -270,7 +269,7 @@ def test_reward_clip_applies_before_the_estimator():
 
 
 def test_loss_norms_sum_each_optimizer_step_over_ranks():
-    from rayrlhf.experience import loss_norms
+    from rayrlhf.algorithms.experience import loss_norms
 
     # 8 rows, lengths 1..8, 2 ranks x 2 mini-batches: rank r holds rows [4r, 4r+4), and its
     # mini-batch k is rows [4r+2k, 4r+2k+2).

@@ -10,7 +10,6 @@ save   run_dir/model, an HF sequence-classification model that the PPO reward ro
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -18,24 +17,24 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from rayrlhf.config import ConfigError, Section, load_recipe
-from rayrlhf.data.prompts import DataError
+from rayrlhf.cluster.actors import ActorSet
+from rayrlhf.config import Section, load_recipe
 from rayrlhf.data.reward_pairs import RewardPairSet, load_reward_pairs
 from rayrlhf.data.synthetic import train_and_held_out
-from rayrlhf.types import shard_rows
-from rayrlhf.workers.reward_trainer import RewardTrainerWorker, RMStepStats, mean_rm_stats
-from rayrlhf.zero3_run import (
-    MetricsFile,
-    Zero3Group,
+from rayrlhf.runtime.run_dir import MetricsWriter, write_run_config
+from rayrlhf.runtime.zero3_run import (
+    TRAINER,
     Zero3RunConfig,
+    call_ranks,
     check_data_source,
     load_splits,
     padded_indices,
     prepare_inputs,
     run_epochs,
     run_group,
-    write_run_config,
 )
+from rayrlhf.types import shard_rows
+from rayrlhf.workers.reward_trainer import RewardTrainerWorker, RMStepStats, mean_rm_stats
 
 DEFAULT_RM_CONFIG = "rm-tiny-cpu.yaml"
 CHUNK_PAIRS = 256
@@ -98,25 +97,25 @@ def init_reward_model(model_path: str | Path, out: Path, seed: int) -> Path:
 # ---- the phases ----------------------------------------------------------------------------
 
 
-def evaluate(group: Zero3Group, pairs: RewardPairSet, phase: str) -> tuple[float, float]:
+def evaluate(group: ActorSet, pairs: RewardPairSet, phase: str) -> tuple[float, float]:
     """(mean Bradley-Terry loss, pairwise accuracy) over all of `pairs`, sharded over ranks."""
-    n, refs = len(group.ranks), []
+    n, refs = len(group.actors[TRAINER]), []
     for start in range(0, len(pairs), CHUNK_PAIRS):
         idx = list(range(start, min(start + CHUNK_PAIRS, len(pairs))))
         shards = shard_rows(pairs.batch(padded_indices(idx, n), real=len(idx)), n)
-        refs += [a.evaluate.remote(s) for a, s in zip(group.ranks, shards)]
+        refs += [a.evaluate.remote(s) for a, s in zip(group.actors[TRAINER], shards)]
     loss, correct, total = (sum(col) for col in zip(*group.get(refs, phase)))
     return loss / total, correct / total
 
 
-def train_step(group: Zero3Group, pairs: RewardPairSet, idx: list[int]) -> RMStepStats:
+def train_step(group: ActorSet, pairs: RewardPairSet, idx: list[int]) -> RMStepStats:
     """One optimizer step on the pairs `idx`, sharded evenly over the ranks."""
-    shards = shard_rows(pairs.batch(idx), len(group.ranks))
-    return mean_rm_stats(group.call("train_step", shards, "train"))
+    shards = shard_rows(pairs.batch(idx), len(group.actors[TRAINER]))
+    return mean_rm_stats(call_ranks(group, "train_step", shards, "train"))
 
 
 def log_eval(
-    log: MetricsFile, group: Zero3Group, sets: dict[str, RewardPairSet], step: int, epoch: int
+    log: MetricsWriter, group: ActorSet, sets: dict[str, RewardPairSet], step: int, epoch: int
 ) -> dict:
     """Evaluate every split, write one record, print one line; returns the record."""
     rec: dict = {"step": step, "epoch": epoch}
@@ -128,7 +127,7 @@ def log_eval(
     return rec
 
 
-def _step(group: Zero3Group, pairs: RewardPairSet, idx: list[int]) -> tuple[dict, str]:
+def _step(group: ActorSet, pairs: RewardPairSet, idx: list[int]) -> tuple[dict, str]:
     s = train_step(group, pairs, idx)
     names = ("loss", "accuracy", "chosen_reward", "rejected_reward")
     record = {f"rm/{k}": getattr(s, k) for k in names}
@@ -138,7 +137,7 @@ def _step(group: Zero3Group, pairs: RewardPairSet, idx: list[int]) -> tuple[dict
     )
 
 
-def _loop(cfg: RMConfig, sets: dict[str, RewardPairSet], group: Zero3Group, log: MetricsFile):
+def _loop(cfg: RMConfig, sets: dict[str, RewardPairSet], group: ActorSet, log: MetricsWriter):
     pairs = sets["train"]
     run_epochs(
         cfg, len(pairs), lambda epoch: pairs.pairs.order(epoch, cfg.seed),
@@ -155,21 +154,16 @@ def train_rm(cfg: RMConfig) -> Path:
     models = {"model_path": cfg.model_path}
     train, held_out = prepare_inputs(cfg, models, cfg.synthetic_pairs, train_and_held_out)
     sets = load_splits(cfg, load_reward_pairs, train, held_out, "pairs")
-    run_dir = write_run_config(cfg)
+    run_dir = write_run_config(cfg, cfg.run_dir)
     init = init_reward_model(cfg.model_path, run_dir / "init", cfg.seed)
     loop = partial(_loop, cfg, sets)
     run_group(
-        cfg, RewardTrainerWorker, "reward-trainer", init, loop,
+        cfg, RewardTrainerWorker, init, loop,
         trainer="reward-model", saved="reward model",
     )  # fmt: skip
     return run_dir
 
 
-def rm_main(config: str | None, overrides: list[str]) -> int:
-    """`rayrlhf rm`: exit 0 on success, 2 on bad input found before Ray starts."""
-    try:
-        train_rm(load_rm_config(config, overrides))
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"rayrlhf: {err}", file=sys.stderr)
-        return 2
-    return 0
+def main(config: str | None, overrides: list[str]) -> None:
+    """`rayrlhf rm`."""
+    train_rm(load_rm_config(config, overrides))

@@ -2,56 +2,37 @@
 input checks before Ray starts (`rayrlhf dpo` uses these too), one ZeRO-3 group on Ray and the
 epoch loop.
 
-A group is N rank actors in one placement group. Every wait is bounded by the phase timeout and
-a timeout names the phase, as in the PPO and DPO drivers.
+A group is N rank actors in one placement group, held by an `ActorSet`: every wait is bounded
+by the phase timeout and names the phase, and the actors are released however the run ends.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import ray
-import yaml
 from pydantic import Field, model_validator
-from ray.util.placement_group import remove_placement_group
 from transformers import AutoTokenizer
 
-from rayrlhf.cluster.placement import GroupSpec, connect, reserve, start_zero3_ranks
-from rayrlhf.cluster.waits import bounded_get
-from rayrlhf.config import ConfigError, Resources, Section
+from rayrlhf.cluster.actors import ActorSet
+from rayrlhf.cluster.placement import start_ray
+from rayrlhf.config import ConfigError, RankGroupConfig, RayRunConfig, Section
+from rayrlhf.runtime.run_dir import MetricsWriter, build_tiny_models
 
 EVAL_ROWS = 100
 """Held-out rows generated next to the synthetic training ones (SFT, RM and DPO demos)."""
+TRAINER = "trainer"
+"""The role name of the one ZeRO-3 group in an `ActorSet` of `run_group`."""
 
 
-class Zero3RunConfig(Section):
-    """The settings of `rayrlhf sft` and `rayrlhf rm`; each adds run_dir's default, its
-    synthetic-data count and its data section."""
+class Zero3RunConfig(RayRunConfig, RankGroupConfig):
+    """The settings of `rayrlhf sft` and `rayrlhf rm`: one ZeRO-3 group trained for some epochs;
+    each adds its synthetic-data count and its data section. model_path is where training
+    starts: SFT fine-tunes a causal LM; the RM takes a one-label sequence classifier, or a causal
+    LM whose backbone gets a fresh scalar head."""
 
-    run_dir: str
-    """Output directory: metrics.jsonl, config.yaml, model/ (the trained model)."""
-    seed: int = 0
-    """Seed for example order, initialisation (the RM's new score head) and synthetic data."""
-    model_path: str
-    """HF directory to start from: SFT fine-tunes a causal LM; the RM takes a one-label sequence
-    classifier, or a causal LM whose backbone gets a fresh scalar head."""
-    num_ranks: int = Field(2, ge=1)
-    """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor each."""
-    micro_batch_size: int = Field(8, ge=1)
-    """Examples per rank per forward/backward pass: SFT sequences, or RM pairs (2x sequences)."""
-    lr: float = Field(1e-3, gt=0)
-    """AdamW learning rate."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    grad_clip: float = Field(1.0, gt=0)
-    """Global gradient-norm clip."""
-    resources: Resources = Resources()
-    """Resources of each rank's actor."""
     epochs: int = Field(2, ge=1)
     """Passes over the training examples."""
     batch_size: int = Field(32, ge=1)
@@ -59,14 +40,6 @@ class Zero3RunConfig(Section):
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed data row stops the run naming file:line ('error'), or is left out and
     counted ('skip')."""
-    ray_address: str | None = None
-    """Ray cluster address; None joins the job's cluster or starts a local one."""
-    phase_timeout_s: float = Field(900.0, gt=0)
-    """Longest wait for one phase (start-up, train step, eval, save) before an error."""
-    placement_timeout_s: float = Field(60.0, gt=0)
-    """Longest wait to reserve the ranks' resources before failing with what is missing."""
-    make_tiny_models: str | None = None
-    """Demo only: build the tiny models into this directory first if they are absent."""
 
     @model_validator(mode="after")
     def _batches_divide(self) -> Zero3RunConfig:
@@ -99,10 +72,7 @@ def prepare_inputs(
     `cfg` has make_tiny_models, run_dir, seed and data.train/eval; `models` maps config names
     to model directories; `generate(n, n_eval, seed)` returns (train rows, held-out rows).
     """
-    if cfg.make_tiny_models and not (Path(cfg.make_tiny_models) / "policy/config.json").exists():
-        from rayrlhf.models.tiny import make_tiny
-
-        make_tiny(cfg.make_tiny_models)
+    build_tiny_models(cfg.make_tiny_models)
     train, held_out = cfg.data.train, cfg.data.eval
     if synthetic:
         from rayrlhf.data.synthetic import write_jsonl
@@ -137,70 +107,18 @@ def load_splits(
     return sets
 
 
-def write_run_config(cfg: Zero3RunConfig) -> Path:
-    """Create run_dir and record the validated config there; returns run_dir."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return run_dir
-
-
 # ---- the group -----------------------------------------------------------------------------
 
 
-@dataclass
-class Zero3Group:
-    """The rank actors of one role and their placement group."""
-
-    timeout: float
-    ranks: list = field(default_factory=list)
-    placement_groups: list = field(default_factory=list)
-
-    def get(self, refs, phase: str):
-        """`ray.get` bounded by the phase timeout, with an error that names the phase."""
-        return bounded_get(refs, self.timeout, phase)
-
-    def call(self, method: str, shards: list, phase: str) -> list:
-        """Call `method` on every rank with its shard (collective), wait, return the results."""
-        refs = [getattr(a, method).remote(s) for a, s in zip(self.ranks, shards)]
-        return self.get(refs, phase)
-
-    def save(self, path: Path) -> None:
-        self.get([a.save.remote(str(path)) for a in self.ranks], "save")
-
-    def shutdown(self) -> None:
-        for actor in self.ranks:
-            ray.kill(actor)
-        for pg in self.placement_groups:
-            remove_placement_group(pg)
-        self.ranks.clear()
-        self.placement_groups.clear()
-
-
-def start_group(cls: type, role: str, spec: GroupSpec, group: Zero3Group, wait_s: float) -> None:
-    """Reserve bundles and start `spec.num_ranks` actors of `cls`; fills `group` as it goes,
-    so the caller's `shutdown` also cleans up a failed start."""
-    pg = reserve(role, spec.resources, spec.num_ranks, wait_s)
-    group.placement_groups.append(pg)
-    group.ranks.extend(start_zero3_ranks(cls, pg, spec))
-    group.get([a.__ray_ready__.remote() for a in group.ranks], "start-up")
+def call_ranks(actors: ActorSet, method: str, shards: list, phase: str) -> list:
+    """Call `method` on every trainer rank with its shard (collective), wait, return results."""
+    refs = [getattr(a, method).remote(s) for a, s in zip(actors.actors[TRAINER], shards)]
+    return actors.get(refs, phase)
 
 
 def padded_indices(idx: list[int], n: int) -> list[int]:
     """`idx` with rows repeated until its length divides by `n` (ZeRO-3 needs equal shards)."""
     return idx + [idx[i % len(idx)] for i in range(-len(idx) % n)]
-
-
-class MetricsFile:
-    """Appends one JSON record per line to run_dir/metrics.jsonl (started afresh)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.path.unlink(missing_ok=True)
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -209,9 +127,8 @@ class MetricsFile:
 def run_group(
     cfg: Zero3RunConfig,
     cls: type,
-    role: str,
     model_path: str | Path,
-    loop: Callable[[Zero3Group, MetricsFile], None],
+    loop: Callable[[ActorSet, MetricsWriter], None],
     *,
     trainer: str,
     saved: str,
@@ -220,21 +137,16 @@ def run_group(
     run_dir/model; the actors are released however it ends. `trainer` and `saved` name the
     trainer and the saved model in the progress lines."""
     run_dir = Path(cfg.run_dir)
-    connect(cfg.ray_address, cfg.num_ranks * cfg.resources.num_cpus)
+    start_ray(cfg.ray_address, cfg.num_ranks * cfg.resources.num_cpus)
     accum = cfg.batch_size // (cfg.num_ranks * cfg.micro_batch_size)
-    spec = GroupSpec(
-        str(model_path), cfg.num_ranks, cfg.micro_batch_size, accum, cfg.lr, cfg.weight_decay,
-        cfg.grad_clip, cfg.seed, cfg.resources,
-    )  # fmt: skip
+    group = cfg.model_copy(update={"model_path": str(model_path)})  # the RM starts from init/
     print(f"starting {trainer} trainer: x{cfg.num_ranks} ZeRO-3 ranks", flush=True)
-    group = Zero3Group(cfg.phase_timeout_s)
-    try:
-        start_group(cls, role, spec, group, cfg.placement_timeout_s)
-        loop(group, MetricsFile(run_dir))
-        group.save(run_dir / "model")
+    with ActorSet(cfg.phase_timeout_s, cfg.placement_timeout_s) as actors:
+        ranks = actors.start_zero3(TRAINER, cls, group, accum, cfg.seed)
+        actors.wait_ready()
+        loop(actors, MetricsWriter(run_dir))
+        actors.get([a.save.remote(str(run_dir / "model")) for a in ranks], "save")
         print(f"{saved} (HF format): {run_dir / 'model'}", flush=True)
-    finally:
-        group.shutdown()
 
 
 def run_epochs(
@@ -243,7 +155,7 @@ def run_epochs(
     order: Callable[[int], list[int]],
     step: Callable[[list[int]], tuple[dict, str]],
     evaluate: Callable[[int, int], None] | None,
-    log: MetricsFile,
+    log: MetricsWriter,
 ) -> None:
     """`cfg.epochs` passes of full batches over `size` examples, one record and line per step.
 

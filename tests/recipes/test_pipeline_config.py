@@ -9,9 +9,9 @@ import pytest
 
 from rayrlhf.cli import main
 from rayrlhf.config import ConfigError
-from rayrlhf.pipeline import load_pipeline_config, ppo_config
+from rayrlhf.recipes.pipeline import load_pipeline_config, ppo_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stages_write_into_sub_directories_and_ppo_points_at_them(tmp_path):
@@ -65,6 +65,6 @@ def test_bad_sft_row_exits_2_naming_file_and_line(tiny_models, tmp_path, capsys)
 
 def test_rm_batch_arithmetic_is_checked():
     with pytest.raises(ConfigError, match="batch_size=30 must be divisible by"):
-        from rayrlhf.rm import load_rm_config
+        from rayrlhf.recipes.rm import load_rm_config
 
         load_rm_config(ROOT / "configs/rm-tiny-cpu.yaml", ["batch_size=30"])

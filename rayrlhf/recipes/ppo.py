@@ -1,4 +1,4 @@
-"""The PPO driver. Each step, on the role groups of `rayrlhf.cluster.roles`:
+"""The PPO driver. Each step, on the role groups of `rayrlhf.recipes.ppo_roles`:
 
     generate   vLLM engines sample one response per prompt (engine logprobs kept for checks)
     score      reward, reference logprobs, old policy logprobs and critic values, concurrently
@@ -16,25 +16,32 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import yaml
 from transformers import AutoTokenizer
 
-from rayrlhf.algorithms.kl import AdaptiveKLController, FixedKLController
+from rayrlhf.algorithms.experience import assemble_rollout, loss_norms, make_experience
+from rayrlhf.algorithms.kl import kl_controller
 from rayrlhf.algorithms.rewards import RunningMoments
-from rayrlhf.cluster.placement import connect as join_or_start
-from rayrlhf.cluster.roles import Roles
-from rayrlhf.config import AlgorithmConfig, ConfigError, TrainConfig
+from rayrlhf.cluster.capacity import cpus_needed
+from rayrlhf.cluster.placement import start_ray
+from rayrlhf.config import TrainConfig, load_config
 from rayrlhf.data.prompts import PromptSet
-from rayrlhf.experience import assemble_rollout, loss_norms, make_experience
-from rayrlhf.metrics import PhaseTimer, PrometheusMetrics, StepLog, step_record
-from rayrlhf.preflight import preflight
+from rayrlhf.recipes.ppo_roles import Roles
+from rayrlhf.runtime.metrics import (
+    PhaseTimer,
+    PrometheusMetrics,
+    StepLog,
+    serve_metrics,
+    step_record,
+)
+from rayrlhf.runtime.preflight import preflight
+from rayrlhf.runtime.run_dir import write_run_config
 
 
 def train(cfg: TrainConfig) -> Path:
     """Check inputs, connect to Ray, run PPO for `cfg.steps` steps; returns the run directory."""
-    run, algo = Run(cfg), cfg.algorithm
-    roles, batch = run.roles, algo.rollout_batch_size
-    try:
+    algo, batch = cfg.algorithm, cfg.algorithm.rollout_batch_size
+    with Run(cfg) as run:
+        roles = run.roles
         for step in range(cfg.steps):
             t = PhaseTimer()
             n = algo.n_samples_per_prompt  # a prompt's n samples are contiguous rows
@@ -57,26 +64,15 @@ def train(cfg: TrainConfig) -> Path:
             run.kl_ctl.update(rollout_stats.kl, n_steps=len(rollout))
             run.record(step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta)
         run.finish()
-    finally:
-        run.close()
     return run.dir
 
 
-def kl_controller(algo: AlgorithmConfig) -> FixedKLController | AdaptiveKLController:
-    if algo.kl_controller == "adaptive":
-        return AdaptiveKLController(
-            algo.kl_coef,
-            algo.kl_target,
-            algo.kl_horizon,
-            gain=algo.kl_gain,
-            min_coef=algo.kl_coef_min,
-            max_coef=algo.kl_coef_max or float("inf"),
-        )
-    return FixedKLController(algo.kl_coef)
-
-
 class Run:
-    """Everything around the loop: checks, Ray, the actors, the run directory and the metrics."""
+    """Everything around the loop: checks, Ray, the actors, the run directory and the metrics.
+
+    Building it checks the inputs and holds nothing; entering it starts the metrics server and
+    the roles, and leaving it, however the loop ends, releases both.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
         preflight(cfg)
@@ -84,22 +80,28 @@ class Run:
         self.pad_id = tokenizer.pad_token_id
         self.prompts = PromptSet.load(cfg.data, tokenizer, cfg.seed)
         self.cfg = cfg
-        self.dir = Path(cfg.run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "metrics.jsonl").unlink(missing_ok=True)
-        config_text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-        (self.dir / "config.yaml").write_text(config_text)
-        self.prometheus = None
+        self.dir = write_run_config(cfg, cfg.run_dir)
+        self.prometheus: PrometheusMetrics | None = None
+        self.roles: Roles | None = None
+        self.kl_ctl = kl_controller(cfg.algorithm)
+        self.moments = RunningMoments() if cfg.algorithm.reward_normalize else None
+
+    def __enter__(self) -> Run:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        cfg = self.cfg
         if cfg.metrics.prometheus:
-            try:
-                self.prometheus = PrometheusMetrics(cfg.metrics.host, cfg.metrics.port)
-            except OSError as err:
-                raise ConfigError(
-                    f"invalid config:\n  metrics.port: cannot serve on "
-                    f"{cfg.metrics.host}:{cfg.metrics.port}: {err}"
-                ) from None
-            print(f"prometheus metrics: {self.prometheus.url}", flush=True)
-        connect(cfg)
+            self.prometheus = serve_metrics(cfg.metrics)
+        start_ray(cfg.ray_address, cpus_needed(cfg))
         print(
             f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), "
             + (f"critic x{cfg.active_critic.num_ranks} (ZeRO-3), " if cfg.active_critic else "")
@@ -109,8 +111,6 @@ class Run:
         )
         self.roles = Roles(cfg)
         print(f"weight sync: {self.roles.transport}", flush=True)
-        self.kl_ctl = kl_controller(cfg.algorithm)
-        self.moments = RunningMoments() if cfg.algorithm.reward_normalize else None
         self.log = StepLog(self.dir, cfg.steps)
 
     def record(self, step, rollout_stats, policy_stats, critic_stats, sync, timer, samples, beta):
@@ -136,22 +136,25 @@ class Run:
             self.roles.save_policy(str(self.dir / "policy"))
             print(f"final policy (HF format): {self.dir / 'policy'}", flush=True)
         if self.cfg.metrics.plots:
-            from rayrlhf.report import write_plots
+            from rayrlhf.runtime.plots import write_plots
 
             for path in write_plots(self.dir):
                 print(f"plot: {path}", flush=True)
 
     def close(self) -> None:
-        self.roles.shutdown()
+        if self.roles is not None:
+            self.roles.shutdown()
         if self.prometheus is not None:
             self.prometheus.close()
 
 
-def connect(cfg: TrainConfig) -> None:
-    """Join the configured cluster, the job's cluster, or start a local one big enough."""
-    needed = cfg.policy.num_ranks * cfg.policy.resources.num_cpus
-    if cfg.active_critic:
-        needed += cfg.active_critic.num_ranks * cfg.active_critic.resources.num_cpus
-    needed += cfg.reference.resources.num_cpus + cfg.reward.resources.num_cpus
-    needed += cfg.rollout.num_engines * cfg.rollout.resources.num_cpus
-    join_or_start(cfg.ray_address, needed)
+def main(config: str | None, overrides: list[str]) -> None:
+    """`rayrlhf train`."""
+    train(load_config(config, overrides))
+
+
+def check_config(config: str | None, overrides: list[str]) -> None:
+    """`rayrlhf check-config`: validate, run the pre-flight checks, print the resolved config."""
+    cfg = load_config(config, overrides)
+    preflight(cfg)
+    print(cfg.model_dump_json(indent=2))

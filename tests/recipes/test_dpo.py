@@ -2,10 +2,11 @@
 
 import pytest
 
-from rayrlhf import dpo
+from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.config import ConfigError
 from rayrlhf.data.preferences import PreferenceSet
-from rayrlhf.dpo import DPOActors, load_dpo_config, prepare_inputs
+from rayrlhf.recipes import dpo
+from rayrlhf.recipes.dpo import load_dpo_config, prepare_inputs
 
 BASE = ["policy.model_path=models/tiny/policy", "synthetic_pairs=64"]
 
@@ -31,7 +32,9 @@ def test_embedded_recipe_is_valid():
 )
 def test_invalid_config_names_the_field(tmp_path, overrides, problem):
     recipe = tmp_path / "dpo.yaml"
-    recipe.write_text("batch_size: 32\npolicy:\n  micro_batch_size: 8\n  num_ranks: 2\n")
+    recipe.write_text(
+        "run_dir: runs/t\nbatch_size: 32\npolicy:\n  micro_batch_size: 8\n  num_ranks: 2\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_dpo_config(recipe, BASE + overrides)
     assert problem in str(err.value)
@@ -82,7 +85,7 @@ class _Rank:
         return first, -first
 
 
-class _Actors(DPOActors):
+class _Actors(ActorSet):
     def get(self, refs, phase):
         return refs
 
@@ -101,7 +104,7 @@ def test_set_logps_gives_every_rank_an_equal_shard_and_drops_the_padding(
     )
     seen: list[int] = []
     group = [_Rank(seen) for _ in range(ranks)]
-    out = dpo.set_logps(_Actors([], None, 1.0), group, pairs, "eval")
+    out = dpo.set_logps(_Actors(1.0, 1.0), group, pairs, "eval")
     assert out.chosen.tolist() == [float(i) for i in range(num_pairs)]
     assert out.rejected.tolist() == [-float(i) for i in range(num_pairs)]
     chunks = [seen[k : k + ranks] for k in range(0, len(seen), ranks)]

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rayrlhf.metrics import read_metrics  # noqa: E402
+from rayrlhf.runtime.run_dir import read_metrics  # noqa: E402
 
 PLOTS = {
     "reward.png": ("rollout/reward_mean", "mean reward"),

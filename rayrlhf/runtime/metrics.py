@@ -9,7 +9,6 @@ phase, the busiest role's compute seconds. It is the price of Ray, serialization
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from rayrlhf.experience import RolloutStats
+from rayrlhf.algorithms.experience import RolloutStats
+from rayrlhf.config import ConfigError, MetricsConfig
+from rayrlhf.runtime.run_dir import MetricsWriter
 from rayrlhf.types import SyncResult, TrainStats
 
 # Roles that run at the same time in one phase; the phase costs as much as the slowest of them.
@@ -124,14 +125,13 @@ class StepLog:
     """Appends step records to metrics.jsonl and prints one readable line per step."""
 
     def __init__(self, run_dir: Path, total_steps: int, stream=None) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.out = MetricsWriter(run_dir)
         self.total = total_steps
         self.stream = stream
         self.start = time.perf_counter()
 
     def write(self, rec: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.out.write(rec)
         done = rec["step"] + 1
         elapsed = time.perf_counter() - self.start
         eta = elapsed / done * (self.total - done)
@@ -225,7 +225,13 @@ class PrometheusMetrics:
         self.server.server_close()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All step records of a run, in order."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def serve_metrics(cfg: MetricsConfig) -> PrometheusMetrics:
+    """Start the driver's /metrics server; a port that cannot be bound is a config error."""
+    try:
+        server = PrometheusMetrics(cfg.host, cfg.port)
+    except OSError as err:
+        raise ConfigError(
+            f"invalid config:\n  metrics.port: cannot serve on {cfg.host}:{cfg.port}: {err}"
+        ) from None
+    print(f"prometheus metrics: {server.url}", flush=True)
+    return server

@@ -1,0 +1,94 @@
+"""Every actor and placement group of a run, held in one place so that any failure frees them.
+
+A recipe opens an `ActorSet` before it reserves anything and closes it however the run ends:
+
+    with ActorSet(cfg.phase_timeout_s, cfg.placement_timeout_s) as actors:
+        policy = actors.start_zero3("policy", PolicyWorker, cfg.policy, accum, cfg.seed)
+        reward = actors.start_one("reward", RewardWorker, cfg.reward.resources, ...)
+        actors.wait_ready()
+        ...
+
+Each role is registered the moment its group is reserved and each actor the moment it is
+created, so a placement time-out for the third role still kills the first two roles' actors.
+Every wait goes through `get`, bounded by the phase time-out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+from rayrlhf.cluster.placement import actor_options, reserve, start_zero3_ranks
+from rayrlhf.cluster.waits import bounded_get
+from rayrlhf.config import RankGroupConfig, Resources
+
+
+class ActorSet:
+    """The actors of one run, by role, with their placement groups."""
+
+    def __init__(self, phase_timeout_s: float, placement_timeout_s: float) -> None:
+        self.timeout = phase_timeout_s
+        self.placement_timeout = placement_timeout_s
+        self.groups: dict[str, PlacementGroup] = {}
+        self.actors: dict[str, list] = {}
+
+    def __enter__(self) -> ActorSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def get(self, refs, phase: str):
+        """`ray.get` bounded by the phase time-out, with an error that names the phase."""
+        return bounded_get(refs, self.timeout, phase)
+
+    def reserve(self, role: str, res: Resources, count: int) -> PlacementGroup:
+        """`count` bundles for `role`, in a placement group of its own."""
+        pg = reserve(role, res, count, self.placement_timeout)
+        self.groups[role] = pg
+        self.actors.setdefault(role, [])
+        return pg
+
+    def start(
+        self, role: str, cls: type, res: Resources, count: int, args: Callable[[int], tuple]
+    ) -> list:
+        """`count` actors of `cls`, actor i built with `args(i)`, one per bundle of `role`."""
+        pg = self.reserve(role, res, count)
+        for i in range(count):
+            actor = ray.remote(cls).options(**actor_options(pg, i, res)).remote(*args(i))
+            self.actors[role].append(actor)
+        return self.actors[role]
+
+    def start_one(self, role: str, cls: type, res: Resources, *args):
+        """A single actor of `cls(*args)` for `role`."""
+        return self.start(role, cls, res, 1, lambda _: args)[0]
+
+    def start_zero3(
+        self, role: str, cls: type, group: RankGroupConfig, grad_accum_steps: int, seed: int
+    ) -> list:
+        """The `group.num_ranks` ZeRO-3 rank actors of `role` (see `start_zero3_ranks`)."""
+        pg = self.reserve(role, group.resources, group.num_ranks)
+        self.actors[role] = start_zero3_ranks(cls, pg, group, grad_accum_steps, seed)
+        return self.actors[role]
+
+    def all(self) -> list:
+        return [a for actors in self.actors.values() for a in actors]
+
+    def wait_ready(self) -> None:
+        """Wait for every constructor (they run concurrently); raises the first start-up error."""
+        self.get([a.__ray_ready__.remote() for a in self.all()], "start-up")
+
+    def release(self, role: str) -> None:
+        """Kill `role`'s actors and free its bundles."""
+        for actor in self.actors.pop(role, []):
+            ray.kill(actor)
+        pg = self.groups.pop(role, None)
+        if pg is not None:
+            remove_placement_group(pg)
+
+    def shutdown(self) -> None:
+        """Release every role; safe to call twice."""
+        for role in [*self.actors, *self.groups]:
+            self.release(role)
