@@ -15,6 +15,7 @@ Every wait goes through `get`, bounded by the phase time-out.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import ray
@@ -77,8 +78,23 @@ class ActorSet:
         return [a for actors in self.actors.values() for a in actors]
 
     def wait_ready(self) -> None:
-        """Wait for every constructor (they run concurrently); raises the first start-up error."""
-        self.get([a.__ray_ready__.remote() for a in self.all()], "start-up")
+        """Wait for every constructor (they run concurrently). The first actor that fails to
+        start raises at once, though others still wait for it (e.g. at a rendezvous)."""
+        pending = {
+            a.__ray_ready__.remote(): role for role, acts in self.actors.items() for a in acts
+        }
+        deadline = time.monotonic() + self.timeout
+        while pending:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            if not ready:
+                roles = ", ".join(sorted(set(pending.values())))
+                raise TimeoutError(
+                    f"phase 'start-up' did not finish within {self.timeout}s (still starting: "
+                    f"{roles}; raise phase_timeout_s if the models are that slow to load)"
+                )
+            pending.pop(ready[0])
+            ray.get(ready[0])  # the actor's start-up error, if it had one
 
     def release(self, role: str) -> None:
         """Kill `role`'s actors and free its bundles."""

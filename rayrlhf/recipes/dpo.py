@@ -26,13 +26,12 @@ from rayrlhf.config import (
     PolicyConfig,
     RayRunConfig,
     ReferenceConfig,
-    Section,
     load_recipe,
 )
 from rayrlhf.data.preferences import PreferenceSet, load_preferences
 from rayrlhf.data.synthetic import train_and_held_out
 from rayrlhf.runtime.run_dir import MetricsWriter, write_run_config
-from rayrlhf.runtime.zero3_run import check_data_source
+from rayrlhf.runtime.zero3_run import DataSplitsConfig, check_data_source
 from rayrlhf.runtime.zero3_run import prepare_inputs as prepare_run_inputs
 from rayrlhf.types import shard_rows
 from rayrlhf.workers.dpo import (
@@ -50,15 +49,8 @@ CHUNK_PAIRS = 256
 """Pairs per remote call when scoring whole sets (bounds each call's padded batch)."""
 
 
-class DPODataConfig(Section):
-    """Where the preference pairs come from, and how long they may be."""
-
-    train: str | None = None
-    """JSONL file of {prompt, chosen, rejected} training pairs (unset with synthetic_pairs)."""
-    eval: str | None = None
-    """JSONL file of held-out pairs for eval/reward_accuracy; None skips evaluation."""
-    max_len: int = Field(64, ge=2)
-    """Most tokens in prompt + response (either side); a longer pair is an error (file:line)."""
+class DPODataConfig(DataSplitsConfig):
+    """{prompt, chosen, rejected} pairs; eval gives eval/reward_accuracy."""
 
 
 class DPOConfig(RayRunConfig):

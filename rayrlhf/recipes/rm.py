@@ -18,12 +18,13 @@ from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rayrlhf.cluster.actors import ActorSet
-from rayrlhf.config import Section, load_recipe
+from rayrlhf.config import load_recipe
 from rayrlhf.data.reward_pairs import RewardPairSet, load_reward_pairs
 from rayrlhf.data.synthetic import train_and_held_out
 from rayrlhf.runtime.run_dir import MetricsWriter, write_run_config
 from rayrlhf.runtime.zero3_run import (
     TRAINER,
+    DataSplitsConfig,
     Zero3RunConfig,
     call_ranks,
     check_data_source,
@@ -41,19 +42,13 @@ CHUNK_PAIRS = 256
 """Pairs per evaluation call (bounds each call's padded batch)."""
 
 
-class RMDataConfig(Section):
-    train: str | None = None
-    """JSONL file of {prompt, chosen, rejected[, margin]} training pairs (unset with
-    synthetic_pairs). A numeric `margin` is subtracted from r_chosen - r_rejected in the loss."""
-    eval: str | None = None
-    """JSONL file of held-out pairs for eval/accuracy; None evaluates on the train split only."""
-    max_len: int = Field(64, ge=2)
-    """Most tokens in prompt + response (either side); a longer pair is a bad row (file:line)."""
+class RMDataConfig(DataSplitsConfig):
+    """{prompt, chosen, rejected[, margin]} pairs; a numeric `margin` is subtracted from
+    r_chosen - r_rejected in the loss. Without eval, accuracy is measured on the train split
+    only."""
 
 
 class RMConfig(Zero3RunConfig):
-    run_dir: str = "runs/tiny-rm"
-    """Output directory: metrics.jsonl, config.yaml, model/ (the trained reward model)."""
     synthetic_pairs: int | None = Field(None, ge=1)
     """Demo only: generate this many training pairs (and 100 held-out ones) into run_dir/data."""
     data: RMDataConfig = RMDataConfig()

@@ -14,11 +14,12 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from rayrlhf.cluster.actors import ActorSet
-from rayrlhf.config import Section, load_recipe
+from rayrlhf.config import load_recipe
 from rayrlhf.data.demonstrations import SFTSet, load_demonstrations, synthetic_demonstrations
 from rayrlhf.runtime.run_dir import MetricsWriter, write_run_config
 from rayrlhf.runtime.zero3_run import (
     TRAINER,
+    DataSplitsConfig,
     Zero3RunConfig,
     call_ranks,
     check_data_source,
@@ -36,20 +37,13 @@ CHUNK_ROWS = 256
 """Rows per evaluation call (bounds each call's padded batch)."""
 
 
-class SFTDataConfig(Section):
-    train: str | None = None
-    """JSONL of {prompt, response} or {messages: [{role, content}, ...]} rows (unset with
-    synthetic_demos). Rendered with the tokenizer's chat template when it has one, else as
-    prompt + " " + response."""
-    eval: str | None = None
-    """JSONL of held-out rows for eval/loss; None skips evaluation."""
-    max_len: int = Field(64, ge=2)
-    """Most tokens in prompt + response; a longer row is a bad row (file:line)."""
+class SFTDataConfig(DataSplitsConfig):
+    """{prompt, response} or {messages: [{role, content}, ...]} rows, rendered with the
+    tokenizer's chat template when it has one, else as prompt + " " + response. Without eval,
+    no evaluation."""
 
 
 class SFTConfig(Zero3RunConfig):
-    run_dir: str = "runs/tiny-sft"
-    """Output directory: metrics.jsonl, config.yaml, model/ (the fine-tuned policy)."""
     synthetic_demos: int | None = Field(None, ge=1)
     """Demo only: generate this many demonstrations (and 100 held-out) into run_dir/data."""
     data: SFTDataConfig = SFTDataConfig()

@@ -52,7 +52,19 @@ class Zero3RunConfig(RayRunConfig, RankGroupConfig):
         return self
 
 
-def check_data_source(synthetic: str, count: int | None, data: Section, rows: str) -> None:
+class DataSplitsConfig(Section):
+    """Where a trainer's examples come from; each recipe's subclass says what a row holds."""
+
+    train: str | None = None
+    """JSONL file of training rows (unset when the recipe generates synthetic ones)."""
+    eval: str | None = None
+    """JSONL file of held-out rows for evaluation; None skips it."""
+    max_len: int = Field(64, ge=2)
+    """Most tokens in prompt + response (either side of a pair); a longer row is a bad row,
+    named by file:line."""
+
+
+def check_data_source(synthetic: str, count: int | None, data: DataSplitsConfig, rows: str) -> None:
     """Exactly one source of training data: the field `synthetic` (its value `count`) or
     data.train; `rows` names what data.train holds, for the error."""
     if count and (data.train or data.eval):
