@@ -71,7 +71,8 @@ class ActorSet:
     ) -> list:
         """The `group.num_ranks` ZeRO-3 rank actors of `role` (see `start_zero3_ranks`)."""
         pg = self.reserve(role, group.resources, group.num_ranks)
-        self.actors[role] = start_zero3_ranks(cls, pg, group, grad_accum_steps, seed)
+        ranks = start_zero3_ranks(cls, pg, group, grad_accum_steps, seed, self.timeout)
+        self.actors[role] = ranks
         return self.actors[role]
 
     def all(self) -> list:

@@ -17,6 +17,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayrlhf.cluster.waits import bounded_get
 from rayrlhf.config import RankGroupConfig, Resources
 
 
@@ -108,13 +109,20 @@ class RankSpec:
 
 
 def start_zero3_ranks(
-    cls: type, pg: PlacementGroup, group: RankGroupConfig, grad_accum_steps: int, seed: int
+    cls: type,
+    pg: PlacementGroup,
+    group: RankGroupConfig,
+    grad_accum_steps: int,
+    seed: int,
+    timeout_s: float = 60.0,
 ) -> list:
     """One `cls(model_path, RankSpec)` actor per bundle of `pg`, rank 0's rendezvous in bundle
-    0. Returns at once: the caller waits for `__ray_ready__`."""
+    0. Returns once the rendezvous address is known (within `timeout_s`), without waiting for
+    the actors: the caller waits for `__ray_ready__`."""
     res = group.resources
     strategy = actor_options(pg, 0, res)["scheduling_strategy"]
-    addr, port = ray.get(address_and_port.options(scheduling_strategy=strategy).remote())
+    where = address_and_port.options(scheduling_strategy=strategy).remote()
+    addr, port = bounded_get(where, timeout_s, "rendezvous address")
     ranks = []
     for rank in range(group.num_ranks):
         spec = RankSpec(
