@@ -140,7 +140,8 @@ def config_help(model: type | None = None, prefix: str = "") -> str:
             lines.append(config_help(ann, f"{prefix}{name}."))
             continue
         default = "required" if field.is_required() else repr(field.default)
-        lines.append(f"  {prefix}{name} = {default}\n      {field.description or ''}")
+        text = (field.description or "").replace("\n", "\n      ")
+        lines.append(f"  {prefix}{name} = {default}\n      {text}")
     return "\n".join(lines)
 
 
