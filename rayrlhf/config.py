@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -150,8 +150,22 @@ class DataConfig(Section):
     """Prompts generated when `prompts` is 'demo'."""
 
 
+# Each algorithm choice's names, declared once. The registries in rayrlhf/algorithms/ that
+# implement them are keyed by exactly these names and check so when imported.
+AdvantageName = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+"""Advantage estimators (`algorithms.estimators.ADVANTAGE_ESTIMATORS`)."""
+GROUP_ESTIMATORS: tuple[AdvantageName, ...] = ("grpo", "dr_grpo", "rloo")
+"""Estimators that compare the samples of a prompt, so need n_samples_per_prompt >= 2."""
+CRITIC_ESTIMATORS: tuple[AdvantageName, ...] = ("gae",)
+"""Estimators that use the critic's values; the others start no critic actor."""
+KLEstimatorName = Literal["k1", "k2", "k3"]
+"""Per-token KL estimators, Schulman 2020 (`algorithms.kl.KL_ESTIMATORS`)."""
+AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
+"""How per-token losses become one number (`algorithms.losses.AGGREGATIONS`)."""
+
+
 class AlgorithmConfig(Section):
-    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    advantage: AdvantageName = "gae"
     """Advantage estimator. gae uses the critic; grpo, dr_grpo, rloo and reinforce_pp do not (the
     critic actor is then not started)."""
     n_samples_per_prompt: int = Field(1, ge=1)
@@ -172,7 +186,7 @@ class AlgorithmConfig(Section):
     """GAE lambda."""
     kl_coef: float = Field(0.05, ge=0)
     """KL coefficient (beta) against the reference; the adaptive controller's starting value."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: KLEstimatorName = "k1"
     """KL estimator (Schulman 2020). As a loss term use k3: k1's gradient is zero in expectation."""
     kl_mode: Literal["reward", "loss"] = "reward"
     """KL as a per-token reward penalty (InstructGPT) or as a policy-loss term (GRPO)."""
@@ -199,9 +213,7 @@ class AlgorithmConfig(Section):
     """Clip sequence rewards to [-reward_clip, reward_clip] before anything else."""
     reward_normalize: bool = False
     """Divide rewards by a running std (and remove the running mean) over the whole run."""
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = (
-        "token_mean"
-    )
+    loss_aggregation: AggregationMode = "token_mean"
     """How per-token losses become one number; normalised over the whole optimizer step across
     micro-batches and ranks, so the result does not depend on how the batch is split."""
 
@@ -213,7 +225,7 @@ class AlgorithmConfig(Section):
                 f"algorithm.rollout_batch_size={self.rollout_batch_size} must be "
                 f"divisible by algorithm.n_samples_per_prompt={n}"
             )
-        if self.advantage in ("grpo", "dr_grpo", "rloo") and n < 2:
+        if self.advantage in GROUP_ESTIMATORS and n < 2:
             raise ValueError(
                 f"algorithm.advantage={self.advantage} compares samples of a prompt: "
                 "set algorithm.n_samples_per_prompt >= 2"
@@ -228,7 +240,7 @@ class AlgorithmConfig(Section):
 
     @property
     def needs_critic(self) -> bool:
-        return self.advantage == "gae"
+        return self.advantage in CRITIC_ESTIMATORS
 
 
 class SyncConfig(Section):
@@ -294,9 +306,10 @@ class TrainConfig(RayRunConfig):
     @model_validator(mode="after")
     def _batches_divide(self) -> TrainConfig:
         if self.algorithm.needs_critic and self.critic is None:
+            free = ", ".join(n for n in get_args(AdvantageName) if n not in CRITIC_ESTIMATORS)
             raise ValueError(
-                "critic: required by algorithm.advantage=gae (or pick a critic-free "
-                "estimator: grpo, dr_grpo, rloo, reinforce_pp)"
+                f"critic: required by algorithm.advantage={self.algorithm.advantage} (or pick "
+                f"a critic-free estimator: {free})"
             )
         roles = [("policy", self.policy)]
         if self.algorithm.needs_critic:

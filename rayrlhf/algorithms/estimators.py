@@ -1,4 +1,4 @@
-"""Advantage estimators for critic-free RL, a name registry, and best-of-N selection.
+"""Advantage estimators, their registry by config name, and best-of-N selection.
 
 Convention: ``rewards`` ``[B]`` are sequence-level scores (KL-shaped already if the caller
 wants); ``mask`` ``[B, T]`` is 1 on action (response) tokens. Group estimators take ``n``
@@ -8,21 +8,20 @@ advantage on each action token and exactly 0 elsewhere. They run under ``no_grad
 are constants for the policy loss). A group of one sample, or a group whose rewards are all
 equal, carries no learning signal and gets advantage exactly 0 (never NaN).
 
-Call signatures by registry name (a driver branches on these):
-
-* ``"gae"`` -> :func:`~rayrlhf.algorithms.advantages.gae`
-  ``(token_rewards, values, mask, gamma, lam) -> (advantages, returns)``; needs a critic.
-* ``"grpo"``, ``"dr_grpo"``, ``"rloo"`` ``(rewards, mask, n) -> advantages``.
-* ``"reinforce_pp"`` ``(rewards, mask, kl=None, kl_coef=0.0) -> advantages``.
+``ADVANTAGE_ESTIMATORS`` maps each ``algorithm.advantage`` name to one step of that estimator
+with a common signature (:data:`AdvantageEstimator`), so a driver calls any of them the same way.
 """
 
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 from torch import Tensor
 
-from rayrlhf.algorithms.advantages import gae, terminal_rewards_with_kl
-from rayrlhf.algorithms.masked import masked_whiten
+from rayrlhf.algorithms.advantages import gae, terminal_rewards_with_kl, whiten_advantages
+from rayrlhf.algorithms.masked import masked_sum, masked_whiten
+from rayrlhf.algorithms.registry import check_names, lookup
+from rayrlhf.config import GROUP_ESTIMATORS, AdvantageName, AlgorithmConfig
 
 
 def _grouped(rewards: Tensor, mask: Tensor, n: int) -> Tensor:
@@ -77,9 +76,9 @@ def dr_grpo_advantages(rewards: Tensor, mask: Tensor, n: int) -> Tensor:
     over-weights prompts that are nearly always (or never) solved.
 
     Dr. GRPO also removes GRPO's per-response length normalisation ``1/|o_i|``: aggregate the
-    loss with ``aggregation="seq_mean_token_sum"`` and a constant ``max_len`` (the generation
-    budget), not ``"seq_mean_token_mean"``. Shapes: ``rewards`` ``[B]``, ``mask`` ``[B, T]`` ->
-    ``[B, T]``.
+    loss with ``loss_aggregation: seq_mean_token_sum`` and its constant ``max_len`` (the
+    generation budget), not ``"seq_mean_token_mean"``. Shapes: ``rewards`` ``[B]``, ``mask``
+    ``[B, T]`` -> ``[B, T]``.
     """
     return _broadcast(_centered(_grouped(rewards, mask, n)), mask)
 
@@ -124,40 +123,63 @@ def reinforce_pp_advantages(
     return masked_whiten(returns, mask)
 
 
-AdvantageEstimator = Callable[..., Tensor | tuple[Tensor, Tensor]]
+AdvantageEstimator = Callable[
+    [Tensor, Tensor, float, Tensor, Tensor, AlgorithmConfig], tuple[Tensor, Tensor]
+]
+"""``(rewards [B], kl [B, R], beta, values [B, R], mask [B, R], algo) -> (advantages, returns)``,
+both ``[B, R]``: one step's advantages from shaped sequence rewards, the per-token KL to the
+reference, its coefficient ``beta`` (0 when the KL is a loss term) and the critic's values.
+Critic-free estimators return ``returns`` of zeros (there is no critic to fit)."""
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
-    "gae": gae,
-    "grpo": grpo_advantages,
-    "dr_grpo": dr_grpo_advantages,
-    "rloo": rloo_advantages,
-    "reinforce_pp": reinforce_pp_advantages,
-}
 
-_NEEDS_CRITIC = frozenset({"gae"})
+def _gae_step(rewards, kl, beta, values, mask, algo: AlgorithmConfig) -> tuple[Tensor, Tensor]:
+    """GAE on ``-beta * KL_t`` plus the terminal reward; whitened if ``algo`` says so."""
+    token_rewards = terminal_rewards_with_kl(rewards, kl, mask, beta)
+    advantages, returns = gae(token_rewards, values, mask, algo.gamma, algo.lam)
+    return (whiten_advantages(advantages, mask) if algo.whiten_advantages else advantages), returns
+
+
+def _reinforce_pp_step(rewards, kl, beta, values, mask, algo) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ with the KL penalty on the token rewards; no critic."""
+    return reinforce_pp_advantages(rewards, mask, kl=kl, kl_coef=beta), torch.zeros_like(mask)
+
+
+def _group_step(fn: Callable[[Tensor, Tensor, int], Tensor]) -> AdvantageEstimator:
+    """A ``(rewards, mask, n)`` group estimator as an :data:`AdvantageEstimator`."""
+
+    def step(rewards, kl, beta, values, mask, algo) -> tuple[Tensor, Tensor]:
+        # The KL penalty of a critic-free estimator is charged to the sequence reward.
+        shaped = rewards - beta * masked_sum(kl, mask, dim=1)
+        return fn(shaped, mask, algo.n_samples_per_prompt), torch.zeros_like(mask)
+
+    return step
+
+
+# The estimators that compare the samples of a prompt are exactly config's GROUP_ESTIMATORS.
+_GROUP_STEPS = check_names(
+    {
+        "grpo": _group_step(grpo_advantages),
+        "dr_grpo": _group_step(dr_grpo_advantages),
+        "rloo": _group_step(rloo_advantages),
+    },
+    GROUP_ESTIMATORS,
+    "group advantage estimator",
+)
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = check_names(
+    {"gae": _gae_step, "reinforce_pp": _reinforce_pp_step, **_GROUP_STEPS},
+    get_args(AdvantageName),
+    "advantage estimator",
+)
 
 
 def get_estimator(name: str) -> AdvantageEstimator:
-    """The advantage function registered as ``name`` (signatures: see the module docstring).
+    """The step registered as ``name`` (signature: :data:`AdvantageEstimator`).
 
     Raises:
-        ValueError: if ``name`` is not one of ``ADVANTAGE_ESTIMATORS``.
+        ValueError: if ``name`` is not one of ``ADVANTAGE_ESTIMATORS`` (the message lists them).
     """
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        valid = ", ".join(sorted(ADVANTAGE_ESTIMATORS))
-        raise ValueError(f"unknown advantage estimator {name!r}; valid names: {valid}") from None
-
-
-def needs_critic(name: str) -> bool:
-    """Whether estimator ``name`` needs value estimates (a critic): only ``"gae"``.
-
-    Raises:
-        ValueError: if ``name`` is not one of ``ADVANTAGE_ESTIMATORS``.
-    """
-    get_estimator(name)
-    return name in _NEEDS_CRITIC
+    return lookup(ADVANTAGE_ESTIMATORS, name, "advantage estimator")
 
 
 def best_of_n(scores: Tensor, n: int) -> Tensor:

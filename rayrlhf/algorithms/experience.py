@@ -9,8 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayrlhf.algorithms.advantages import gae, terminal_rewards_with_kl, whiten_advantages
-from rayrlhf.algorithms.estimators import get_estimator, reinforce_pp_advantages
+from rayrlhf.algorithms.estimators import get_estimator
 from rayrlhf.algorithms.kl import kl_estimate
 from rayrlhf.algorithms.losses import explained_variance
 from rayrlhf.algorithms.masked import masked_sum
@@ -73,34 +72,6 @@ def shape_rewards(
     return rewards
 
 
-def _gae(rewards, kl, beta, values, mask, algo):
-    token_rewards = terminal_rewards_with_kl(rewards, kl, mask, beta)
-    advantages, returns = gae(token_rewards, values, mask, algo.gamma, algo.lam)
-    return (whiten_advantages(advantages, mask) if algo.whiten_advantages else advantages), returns
-
-
-def _reinforce_pp(rewards, kl, beta, values, mask, algo):
-    return reinforce_pp_advantages(rewards, mask, kl=kl, kl_coef=beta), torch.zeros_like(mask)
-
-
-def _group(name: str):
-    def estimate(rewards, kl, beta, values, mask, algo):
-        # The KL penalty of a critic-free estimator is charged to the sequence reward.
-        shaped = rewards - beta * masked_sum(kl, mask, dim=1)
-        fn = get_estimator(name)
-        return fn(shaped, mask, algo.n_samples_per_prompt), torch.zeros_like(mask)
-
-    return estimate
-
-
-# Each estimator: (rewards [B], kl [B,R], beta, values [B,R], mask, cfg) -> (advantages, returns)
-ADVANTAGES = {
-    "gae": _gae,
-    "reinforce_pp": _reinforce_pp,
-    **{name: _group(name) for name in ("grpo", "dr_grpo", "rloo")},
-}
-
-
 def make_experience(
     rollout: Rollout,
     scores: Scores,
@@ -117,7 +88,8 @@ def make_experience(
     kl = kl_estimate(scores.old_logprobs, scores.ref_logprobs, algo.kl_estimator) * mask
     rewards = shape_rewards(scores.rewards, algo, moments)
     beta = kl_coef if algo.kl_mode == "reward" else 0.0
-    advantages, returns = ADVANTAGES[algo.advantage](rewards, kl, beta, scores.values, mask, algo)
+    estimate = get_estimator(algo.advantage)
+    advantages, returns = estimate(rewards, kl, beta, scores.values, mask, algo)
     exp = Experience(
         sequences=rollout.sequences,
         attention_mask=rollout.attention_mask,

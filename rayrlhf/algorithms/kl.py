@@ -25,12 +25,14 @@ The KL to the reference model is used in one of two ways:
 
 import math
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 from torch import Tensor
 
-from rayrlhf.algorithms.losses import aggregate
-from rayrlhf.config import AlgorithmConfig
+from rayrlhf.algorithms.losses import TOKEN_MEAN, Aggregation, aggregate
+from rayrlhf.algorithms.registry import check_names, lookup
+from rayrlhf.config import AlgorithmConfig, KLEstimatorName
 
 # A token the policy finds near-impossible can give a log-ratio of -100 or worse; exp(100)
 # overflows float32/bf16 to inf and poisons the KL mean and its gradient. exp(20) ~ 4.9e8 is
@@ -59,14 +61,12 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(-log_ratio) - 1 + log_ratio
 
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "k1": kl_k1,
-    "k2": kl_k2,
-    "k3": kl_k3,
-}
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = check_names(
+    {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}, get_args(KLEstimatorName), "KL estimator"
+)
 
 
-def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: KLEstimatorName = "k1") -> Tensor:
     """Per-token KL estimate ``KL_ESTIMATORS[kind](logprobs, ref_logprobs)``.
 
     Shapes: ``logprobs``, ``ref_logprobs`` ``[B, T]`` (log-probs of the sampled action tokens
@@ -74,51 +74,36 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Ten
     caller zeroes non-action positions (e.g. :func:`terminal_rewards_with_kl` does).
 
     Raises:
-        ValueError: if ``kind`` is not one of ``KL_ESTIMATORS``.
+        ValueError: if ``kind`` is not one of ``KL_ESTIMATORS`` (the message lists them).
     """
-    try:
-        estimator = KL_ESTIMATORS[kind]
-    except KeyError:
-        valid = ", ".join(sorted(KL_ESTIMATORS))
-        raise ValueError(f"unknown KL estimator {kind!r}; valid names: {valid}") from None
-    return estimator(logprobs, ref_logprobs)
+    return lookup(KL_ESTIMATORS, kind, "KL estimator")(logprobs, ref_logprobs)
 
 
 def kl_loss_term(
     logprobs: Tensor,
     ref_logprobs: Tensor,
     mask: Tensor,
-    kind: str = "k3",
+    kind: KLEstimatorName = "k3",
     *,
-    aggregation: str = "token_mean",
-    num_tokens_global: float | Tensor | None = None,
-    num_seqs_global: float | Tensor | None = None,
-    max_len: int | None = None,
+    agg: Aggregation = TOKEN_MEAN,
 ) -> Tensor:
     """KL to the reference as a differentiable loss term (GRPO, Shao et al. 2024, Eq. 4).
 
-    ``L_KL = aggregate(kl_estimate(logprobs, ref_logprobs, kind), mask, aggregation, ...)``;
-    with the defaults the masked token mean of the k3 estimator, as in GRPO. Pass the same
-    aggregation and global normaliser as the policy loss (see ``losses.aggregate``) so that
+    ``L_KL = aggregate(kl_estimate(logprobs, ref_logprobs, kind), mask, agg)``; with the
+    defaults the masked token mean of the k3 estimator, as in GRPO. Pass the same aggregation
+    (mode and global normaliser) as the policy loss (see ``losses.aggregate``) so that
     ``policy_loss + beta * L_KL`` adds up correctly over micro-batches. Gradients flow into
     ``logprobs`` (``ref_logprobs`` is a constant); garbage at masked positions is ignored.
 
     Shapes: ``logprobs``, ``ref_logprobs``, ``mask`` ``[B, T]`` -> 0-dim.
 
     Raises:
-        ValueError: for an unknown ``kind`` or invalid aggregation arguments.
+        ValueError: for an unknown ``kind``.
     """
     # Cut padding out of the graph: aggregate() drops garbage values there, but a NaN/inf
     # estimate would still send 0 * NaN = NaN gradients (e.g. k2's d * grad) to ``logprobs``.
     lp = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
-    return aggregate(
-        kl_estimate(lp, ref_logprobs, kind),
-        mask,
-        aggregation,
-        num_tokens_global=num_tokens_global,
-        num_seqs_global=num_seqs_global,
-        max_len=max_len,
-    )
+    return aggregate(kl_estimate(lp, ref_logprobs, kind), mask, agg)
 
 
 class FixedKLController:

@@ -1,24 +1,27 @@
 """PPO policy/value losses and per-token quantities derived from logits.
 
 Convention: ``[B, T]`` tensors over action positions, ``mask`` 1 on action tokens. Per-token
-losses are reduced by :func:`aggregate`; the default ``"token_mean"`` is the token mean over all
-valid tokens of the batch (:func:`masked_mean` with ``dim=None``). Passing the *global*
-normaliser (tokens or sequences of the whole step, summed over micro-batches and ranks) makes
-the per-micro-batch losses add up to the loss of the whole batch, so accumulated gradients do
-not depend on how the batch was split.
+losses are reduced by :func:`aggregate` as an :class:`Aggregation` says; the default is the token
+mean over all valid tokens of the batch (:func:`masked_mean` with ``dim=None``). Passing the
+*global* normaliser (tokens or sequences of the whole step, summed over micro-batches and ranks)
+makes the per-micro-batch losses add up to the loss of the whole batch, so accumulated gradients
+do not depend on how the batch was split.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 from torch import Tensor
 
 from rayrlhf.algorithms.masked import masked_mean, masked_sum, masked_var
+from rayrlhf.algorithms.registry import check_names, lookup
+from rayrlhf.config import AggregationMode
+from rayrlhf.types import LossNorm
 
 # Below this Var[returns] explained variance is undefined; we report 0 ("explains nothing").
 _EV_VAR_EPS = 1e-8
-
-AGGREGATION_MODES: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
 
 def _normaliser(count: float | Tensor, like: Tensor) -> Tensor:
@@ -26,15 +29,72 @@ def _normaliser(count: float | Tensor, like: Tensor) -> Tensor:
     return torch.as_tensor(count, dtype=like.dtype, device=like.device).clamp(min=1)
 
 
-def aggregate(
-    per_token: Tensor,
-    mask: Tensor,
-    mode: str = "token_mean",
-    *,
-    num_tokens_global: float | Tensor | None = None,
-    num_seqs_global: float | Tensor | None = None,
-    max_len: int | None = None,
+def _token_mean(per_token: Tensor, mask: Tensor, norm: LossNorm | None) -> Tensor:
+    """``sum_{b,t} m l / N``, ``N`` the valid tokens (this batch's, or ``norm.tokens``)."""
+    n_tokens = mask.bool().expand_as(per_token).sum() if norm is None else norm.tokens
+    return masked_sum(per_token, mask) / _normaliser(n_tokens, per_token)
+
+
+def _over_sequences(
+    per_seq: Tensor, per_token: Tensor, mask: Tensor, norm: LossNorm | None
 ) -> Tensor:
+    """``sum_b per_seq / S``, ``S`` the rows with a valid token (or ``norm.sequences``).
+
+    Shapes: ``per_seq`` ``[B]``, ``per_token``, ``mask`` ``[B, T]`` -> 0-dim.
+    """
+    valid_rows = mask.bool().expand_as(per_token).any(dim=1)
+    n_seqs = valid_rows.sum() if norm is None else norm.sequences
+    return per_seq.sum() / _normaliser(n_seqs, per_token)
+
+
+def _seq_mean_token_mean(per_token: Tensor, mask: Tensor, norm: LossNorm | None) -> Tensor:
+    """``(1/S) sum_b [sum_t m l / sum_t m]``."""
+    return _over_sequences(masked_mean(per_token, mask, dim=1), per_token, mask, norm)
+
+
+def _seq_mean_token_sum(per_token: Tensor, mask: Tensor, norm: LossNorm | None) -> Tensor:
+    """``(1/S) sum_b sum_t m l / max_len`` (``max_len`` 1 without a ``norm``)."""
+    per_seq = masked_sum(per_token, mask, dim=1) / (1 if norm is None else norm.max_len)
+    return _over_sequences(per_seq, per_token, mask, norm)
+
+
+AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, LossNorm | None], Tensor]] = check_names(
+    {
+        "token_mean": _token_mean,
+        "seq_mean_token_mean": _seq_mean_token_mean,
+        "seq_mean_token_sum": _seq_mean_token_sum,
+    },
+    get_args(AggregationMode),
+    "loss aggregation",
+)
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How :func:`aggregate` reduces a per-token loss: the mode, and what it divides by.
+
+    ``norm`` holds the counts of the whole optimizer step (``LossNorm``: tokens, sequences,
+    ``max_len``); the mode reads the ones it needs. ``None`` normalises by the batch's own
+    counts, and ``seq_mean_token_sum`` then skips the division by ``max_len``.
+
+    Raises:
+        ValueError: for an unknown ``mode`` (listing the valid ones), or ``norm.max_len <= 0``.
+    """
+
+    mode: AggregationMode = "token_mean"
+    norm: LossNorm | None = None
+
+    def __post_init__(self) -> None:
+        lookup(AGGREGATIONS, self.mode, "loss aggregation")
+        if self.norm is not None and self.norm.max_len <= 0:
+            raise ValueError(f"LossNorm.max_len must be > 0, got {self.norm.max_len}")
+
+
+TOKEN_MEAN = Aggregation()
+"""The default: the token mean over this batch's valid tokens."""
+
+
+def aggregate(per_token: Tensor, mask: Tensor, agg: Aggregation = TOKEN_MEAN) -> Tensor:
     """Reduce a per-token loss to a scalar; ``m`` is the mask, ``S`` the sequences (rows).
 
     * ``"token_mean"``: ``sum_{b,t} m l / N`` with ``N`` the number of valid tokens (every token
@@ -42,53 +102,22 @@ def aggregate(
     * ``"seq_mean_token_mean"``: ``(1/S) sum_b [sum_t m l / sum_t m]`` (every sequence weighs
       the same; the ``1/|o_i|`` normalisation of the GRPO objective, Shao et al. 2024).
     * ``"seq_mean_token_sum"``: ``(1/S) sum_b sum_t m l``, divided also by the constant
-      ``max_len`` if given: the length-unbiased aggregation of Dr. GRPO (Liu et al. 2025,
+      ``max_len``: the length-unbiased aggregation of Dr. GRPO (Liu et al. 2025,
       "Understanding R1-Zero-Like Training"), where ``max_len`` is the generation budget.
 
-    ``N`` and ``S`` default to this batch's counts (``S`` = rows with at least one valid token).
-    For micro-batched / data-parallel training pass the *global* counts instead: the total
-    number of valid tokens (``num_tokens_global``, token_mean) or of sequences with at least one
-    valid token (``num_seqs_global``, seq modes) of the whole optimizer step, summed over all
-    micro-batches and ranks. Then every mode is a sum of per-row terms over one constant, so
+    ``N`` and ``S`` are this batch's counts (``S`` = rows with at least one valid token) when
+    ``agg.norm`` is None. For micro-batched / data-parallel training pass the *global* counts
+    instead (``LossNorm``): the total number of valid tokens, or of sequences with at least one
+    valid token, of the whole optimizer step, summed over all micro-batches and ranks. Then
+    every mode is a sum of per-row terms over one constant, so
     ``sum_i aggregate(part_i, ...) == aggregate(whole)`` and accumulated gradients equal those of
     the whole batch; averaging per-micro-batch means instead over-weights micro-batches with few
     tokens. (With data parallelism that averages gradients over ``W`` ranks, multiply by ``W``.)
     Counts are clamped to >= 1, so an empty batch gives 0, never NaN.
 
     Shapes: ``per_token``, ``mask`` ``[B, T]`` -> 0-dim.
-
-    Raises:
-        ValueError: for an unknown ``mode``, or a normaliser that ``mode`` does not use.
     """
-    _check_aggregation(mode, num_tokens_global, num_seqs_global, max_len)
-    valid = mask.bool().expand_as(per_token)
-    if mode == "token_mean":
-        n_tokens = valid.sum() if num_tokens_global is None else num_tokens_global
-        return masked_sum(per_token, mask) / _normaliser(n_tokens, per_token)
-    if mode == "seq_mean_token_mean":
-        per_seq = masked_mean(per_token, mask, dim=1)
-    else:
-        per_seq = masked_sum(per_token, mask, dim=1) / (1 if max_len is None else max_len)
-    n_seqs = valid.any(dim=1).sum() if num_seqs_global is None else num_seqs_global
-    return per_seq.sum() / _normaliser(n_seqs, per_token)
-
-
-def _check_aggregation(
-    mode: str,
-    num_tokens_global: float | Tensor | None,
-    num_seqs_global: float | Tensor | None,
-    max_len: int | None,
-) -> None:
-    """Raise ``ValueError`` for an unknown mode or a normaliser that the mode would ignore."""
-    if mode not in AGGREGATION_MODES:
-        valid = ", ".join(AGGREGATION_MODES)
-        raise ValueError(f"unknown aggregation {mode!r}; valid names: {valid}")
-    if mode == "token_mean" and num_seqs_global is not None:
-        raise ValueError("token_mean normalises by num_tokens_global, not num_seqs_global")
-    if mode != "token_mean" and num_tokens_global is not None:
-        raise ValueError(f"{mode} normalises by num_seqs_global, not num_tokens_global")
-    if max_len is not None and (mode != "seq_mean_token_sum" or max_len <= 0):
-        raise ValueError(f"max_len must be > 0 and is for seq_mean_token_sum only, got {max_len}")
+    return AGGREGATIONS[agg.mode](per_token, mask, agg.norm)
 
 
 @dataclass(frozen=True)
@@ -111,10 +140,7 @@ def ppo_policy_loss(
     clip_eps: float,
     *,
     dual_clip: float | None = None,
-    aggregation: str = "token_mean",
-    num_tokens_global: float | Tensor | None = None,
-    num_seqs_global: float | Tensor | None = None,
-    max_len: int | None = None,
+    agg: Aggregation = TOKEN_MEAN,
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO clipped surrogate loss (Schulman et al. 2017, Eq. 7), negated for minimisation.
 
@@ -123,8 +149,8 @@ def ppo_policy_loss(
     (``c > 1``; Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL")
     negative-advantage tokens are further bounded, ``l_t = min(l_t, -A_t * c)`` for
     ``A_t < 0``: a huge ratio on a bad action can no longer give an unbounded loss, and those
-    tokens get zero gradient. The loss is ``aggregate(l, mask, aggregation, ...)`` (see
-    :func:`aggregate`; the default is the token mean, ``masked_mean(l)``).
+    tokens get zero gradient. The loss is ``aggregate(l, mask, agg)`` (see :func:`aggregate`;
+    the default is the token mean, ``masked_mean(l)``).
 
     Stats (always local token means): ``approx_kl = masked_mean((rho - 1) - log rho)`` (k3
     estimator of KL(pi_old || pi), Schulman 2020; exactly 0 when ``rho == 1``), ``clipfrac`` =
@@ -134,7 +160,7 @@ def ppo_policy_loss(
     Shapes: ``logprobs``, ``old_logprobs``, ``advantages``, ``mask`` ``[B, T]`` -> 0-dim loss.
 
     Raises:
-        ValueError: if ``dual_clip <= 1`` or the aggregation arguments are invalid.
+        ValueError: if ``dual_clip <= 1``.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
@@ -153,14 +179,7 @@ def ppo_policy_loss(
         bound = -advantages * dual_clip
         took_dual = (advantages < 0) & (bound < per_token)
         per_token = torch.where(took_dual, bound, per_token)
-    loss = aggregate(
-        per_token,
-        mask,
-        aggregation,
-        num_tokens_global=num_tokens_global,
-        num_seqs_global=num_seqs_global,
-        max_len=max_len,
-    )
+    loss = aggregate(per_token, mask, agg)
 
     with torch.no_grad():
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
@@ -196,32 +215,17 @@ def value_loss(
     return loss, clipfrac
 
 
-def entropy_bonus(
-    entropy: Tensor,
-    mask: Tensor,
-    aggregation: str = "token_mean",
-    *,
-    num_tokens_global: float | Tensor | None = None,
-    num_seqs_global: float | Tensor | None = None,
-    max_len: int | None = None,
-) -> Tensor:
+def entropy_bonus(entropy: Tensor, mask: Tensor, agg: Aggregation = TOKEN_MEAN) -> Tensor:
     """Aggregated policy entropy for an entropy bonus (Williams & Peng 1991; Mnih et al. 2016).
 
-    Returns ``aggregate(H, mask, aggregation, ...)`` (see :func:`aggregate`; use the same mode
-    and normaliser as the policy loss). The caller applies the bonus:
+    Returns ``aggregate(H, mask, agg)`` (see :func:`aggregate`; use the same aggregation as the
+    policy loss). The caller applies the bonus:
     ``loss = policy_loss - coef * entropy_bonus(...)``; keep ``entropy`` attached to the graph
     (e.g. from :func:`entropy_from_logits`) for the bonus to have a gradient.
 
     Shapes: ``entropy``, ``mask`` ``[B, T]`` -> 0-dim.
     """
-    return aggregate(
-        entropy,
-        mask,
-        aggregation,
-        num_tokens_global=num_tokens_global,
-        num_seqs_global=num_seqs_global,
-        max_len=max_len,
-    )
+    return aggregate(entropy, mask, agg)
 
 
 def _upcast(logits: Tensor) -> Tensor:

@@ -3,17 +3,16 @@ import math
 import pytest
 import torch
 
-from rayrlhf.algorithms.advantages import gae
+from rayrlhf.algorithms.advantages import gae, terminal_rewards_with_kl
 from rayrlhf.algorithms.estimators import (
-    ADVANTAGE_ESTIMATORS,
     best_of_n,
     dr_grpo_advantages,
     get_estimator,
     grpo_advantages,
-    needs_critic,
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from rayrlhf.config import AlgorithmConfig
 
 GROUP_ESTIMATORS = [grpo_advantages, dr_grpo_advantages, rloo_advantages]
 
@@ -125,17 +124,19 @@ def test_reinforce_pp_without_kl_and_degenerate_batches():
     )
 
 
-def test_registry_and_needs_critic():
-    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
-    assert get_estimator("gae") is gae
-    assert get_estimator("rloo") is rloo_advantages
-    assert needs_critic("gae") is True
-    for name in ("grpo", "dr_grpo", "rloo", "reinforce_pp"):
-        assert needs_critic(name) is False
-    with pytest.raises(ValueError, match="dr_grpo, gae, grpo, reinforce_pp, rloo"):
-        get_estimator("ppo")
-    with pytest.raises(ValueError, match="valid names"):
-        needs_critic("ppo")
+def test_registered_steps_run_their_estimator():
+    algo = AlgorithmConfig(n_samples_per_prompt=3, rollout_batch_size=6, whiten_advantages=False)
+    zeros = torch.zeros(MASK.shape, dtype=torch.float64)  # no KL, values 0
+    for name, fn in zip(("grpo", "dr_grpo", "rloo"), GROUP_ESTIMATORS):
+        advantages, returns = get_estimator(name)(REWARDS, zeros, 0.0, zeros, MASK, algo)
+        torch.testing.assert_close(advantages, fn(REWARDS, MASK, 3))
+        assert not returns.any()
+    advantages, _ = get_estimator("reinforce_pp")(REWARDS, zeros, 0.0, zeros, MASK, algo)
+    torch.testing.assert_close(advantages, reinforce_pp_advantages(REWARDS, MASK))
+    advantages, returns = get_estimator("gae")(REWARDS, zeros, 0.0, zeros, MASK, algo)
+    token_rewards = terminal_rewards_with_kl(REWARDS, zeros, MASK, 0.0)
+    expected = gae(token_rewards, zeros, MASK, algo.gamma, algo.lam)
+    torch.testing.assert_close((advantages, returns), expected)
 
 
 def test_best_of_n_hand_case_first_on_ties():

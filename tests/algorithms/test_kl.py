@@ -10,6 +10,8 @@ from rayrlhf.algorithms.kl import (
     kl_estimate,
     kl_loss_term,
 )
+from rayrlhf.algorithms.losses import Aggregation
+from rayrlhf.types import LossNorm
 
 
 def test_registry_names():
@@ -169,10 +171,11 @@ def test_kl_loss_term_aggregation_and_edge_cases():
     mask = torch.tensor([[1, 1], [1, 0]])
     # k1 per token: ln 2 on (0,0), (0,1), (1,0). Token mean 3 ln2 / 3; 6 global tokens: ln2 / 2
     assert kl_loss_term(lp, lq, mask, "k1").item() == pytest.approx(math.log(2))
-    half = kl_loss_term(lp, lq, mask, "k1", num_tokens_global=6)
+    six_tokens = Aggregation("token_mean", LossNorm(tokens=6, sequences=2, max_len=2))
+    half = kl_loss_term(lp, lq, mask, "k1", agg=six_tokens)
     assert half.item() == pytest.approx(math.log(2) / 2)
     # sequence sums (2 ln 2, ln 2) averaged: 1.5 ln 2
-    seq = kl_loss_term(lp, lq, mask, "k1", aggregation="seq_mean_token_sum")
+    seq = kl_loss_term(lp, lq, mask, "k1", agg=Aggregation("seq_mean_token_sum"))
     assert seq.item() == pytest.approx(1.5 * math.log(2))
     assert kl_loss_term(lp, lq, torch.zeros(2, 2)).item() == 0.0
     with pytest.raises(ValueError, match="k1"):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rayrlhf.algorithms.losses import (
-    AGGREGATION_MODES,
+    AGGREGATIONS,
+    Aggregation,
     PolicyLossStats,
     aggregate,
     entropy_bonus,
@@ -14,6 +15,7 @@ from rayrlhf.algorithms.losses import (
     ppo_policy_loss,
     value_loss,
 )
+from rayrlhf.types import LossNorm
 
 
 def test_vanilla_policy_gradient_when_ratio_is_one():
@@ -176,28 +178,28 @@ AGG_MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
 
 
 def test_aggregation_modes_hand_case():
-    # token mean (1 + 2 + 3 + 4) / 4 = 2.5; with a global count of 8 tokens: 10 / 8 = 1.25
+    # token mean (1 + 2 + 3 + 4) / 4 = 2.5; with a global count of 8 tokens: 10 / 8 = 1.25.
+    # Each mode reads only the LossNorm counts it divides by; the 99s are never read.
     assert aggregate(PER_TOKEN, AGG_MASK).item() == 2.5
-    assert aggregate(PER_TOKEN, AGG_MASK, num_tokens_global=8).item() == 1.25
+    assert aggregate(PER_TOKEN, AGG_MASK, Aggregation(norm=LossNorm(8, 99, 99))).item() == 1.25
     # per-sequence means (2, 4), the empty row is not a sequence: 3; global 4 sequences: 1.5
-    assert aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_mean").item() == 3.0
-    assert aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_mean", num_seqs_global=4).item() == 1.5
+    seq_mean = Aggregation("seq_mean_token_mean")
+    assert aggregate(PER_TOKEN, AGG_MASK, seq_mean).item() == 3.0
+    seq_mean_global = Aggregation("seq_mean_token_mean", LossNorm(99, 4, 99))
+    assert aggregate(PER_TOKEN, AGG_MASK, seq_mean_global).item() == 1.5
     # per-sequence sums (6, 4): 5; divided by max_len 4 first: (1.5 + 1) / 2 = 1.25
-    assert aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_sum").item() == 5.0
-    assert aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_sum", max_len=4).item() == 1.25
-    for mode in AGGREGATION_MODES:
-        assert aggregate(PER_TOKEN, torch.zeros(3, 4), mode).item() == 0.0  # not NaN
+    assert aggregate(PER_TOKEN, AGG_MASK, Aggregation("seq_mean_token_sum")).item() == 5.0
+    dr_grpo = Aggregation("seq_mean_token_sum", LossNorm(99, 2, 4))  # this batch's 2 sequences
+    assert aggregate(PER_TOKEN, AGG_MASK, dr_grpo).item() == 1.25
+    for mode in AGGREGATIONS:
+        assert aggregate(PER_TOKEN, torch.zeros(3, 4), Aggregation(mode)).item() == 0.0  # not NaN
 
 
-def test_aggregation_rejects_unknown_mode_and_mismatched_normalisers():
+def test_aggregation_rejects_unknown_mode_and_bad_max_len():
     with pytest.raises(ValueError, match="token_mean, seq_mean_token_mean, seq_mean_token_sum"):
-        aggregate(PER_TOKEN, AGG_MASK, "mean")
-    with pytest.raises(ValueError):
-        aggregate(PER_TOKEN, AGG_MASK, "token_mean", num_seqs_global=2)
-    with pytest.raises(ValueError):
-        aggregate(PER_TOKEN, AGG_MASK, "seq_mean_token_mean", num_tokens_global=4)
-    with pytest.raises(ValueError):
-        aggregate(PER_TOKEN, AGG_MASK, "token_mean", max_len=4)
+        Aggregation("mean")
+    with pytest.raises(ValueError, match="max_len must be > 0"):
+        Aggregation("seq_mean_token_sum", LossNorm(4, 2, 0))
 
 
 def _split_batch():
@@ -212,27 +214,23 @@ def _split_batch():
     return x, mask, slices
 
 
-@pytest.mark.parametrize(
-    ("mode", "kwargs"),
-    [
-        ("token_mean", {}),
-        ("seq_mean_token_mean", {}),
-        ("seq_mean_token_sum", {"max_len": 8}),
-    ],
-)
-def test_micro_batch_partials_with_global_normaliser_sum_to_whole_batch(mode, kwargs):
+def _own_counts(mode: str, mask: torch.Tensor) -> Aggregation:
+    """The aggregation of a batch taken alone: its own tokens and sequences, max_len 8."""
+    tokens, seqs = mask.sum().item(), (mask.sum(1) > 0).sum().item()
+    return Aggregation(mode, LossNorm(tokens=tokens, sequences=seqs, max_len=8))
+
+
+@pytest.mark.parametrize("mode", list(AGGREGATIONS))
+def test_micro_batch_partials_with_global_normaliser_sum_to_whole_batch(mode):
     x, mask, slices = _split_batch()
-    whole = aggregate(x, mask, mode, **kwargs)
-    # What each rank would all-reduce before the step: total tokens / sequences of the batch.
-    if mode == "token_mean":
-        norm = {"num_tokens_global": int(mask.sum())}  # 52
-    else:
-        norm = {"num_seqs_global": 12}
-    partials = [aggregate(x[s], mask[s], mode, **norm, **kwargs) for s in slices]
+    whole = aggregate(x, mask, _own_counts(mode, mask))
+    # What each rank would all-reduce before the step: total tokens (52) / sequences (12).
+    step = Aggregation(mode, LossNorm(tokens=52, sequences=12, max_len=8))
+    partials = [aggregate(x[s], mask[s], step) for s in slices]
     assert abs(sum(p.item() for p in partials) - whole.item()) < 1e-6
     # The naive alternative, averaging each micro-batch's own mean, gives a different number.
-    naive = sum(aggregate(x[s], mask[s], mode, **kwargs).item() for s in slices) / len(slices)
-    assert abs(naive - whole.item()) > 1e-2
+    naive = [aggregate(x[s], mask[s], _own_counts(mode, mask[s])).item() for s in slices]
+    assert abs(sum(naive) / len(slices) - whole.item()) > 1e-2
 
 
 def test_accumulated_policy_gradients_equal_whole_batch_gradients():
@@ -244,10 +242,11 @@ def test_accumulated_policy_gradients_equal_whole_batch_gradients():
 
     whole, _ = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=0.2, dual_clip=3.0)
     (whole_grad,) = torch.autograd.grad(whole, logprobs)
+    step = Aggregation("token_mean", LossNorm(tokens=52, sequences=12, max_len=8))
     total = 0.0
     for s in slices:
         part, _ = ppo_policy_loss(
-            logprobs[s], old[s], adv[s], mask[s], 0.2, dual_clip=3.0, num_tokens_global=52
+            logprobs[s], old[s], adv[s], mask[s], 0.2, dual_clip=3.0, agg=step
         )
         part.backward()  # accumulates into logprobs.grad, as micro-batch steps do
         total += part.item()
@@ -262,9 +261,10 @@ def test_policy_loss_sequence_aggregation_hand_case():
     lp = torch.zeros(2, 3, dtype=torch.float64)
     loss, _ = ppo_policy_loss(lp, lp, adv, mask, 0.2)
     assert loss.item() == pytest.approx(-6.0 / 3)  # token mean, the default
-    loss, _ = ppo_policy_loss(lp, lp, adv, mask, 0.2, aggregation="seq_mean_token_mean")
+    loss, _ = ppo_policy_loss(lp, lp, adv, mask, 0.2, agg=Aggregation("seq_mean_token_mean"))
     assert loss.item() == pytest.approx(-(1.5 + 3.0) / 2)
-    loss, _ = ppo_policy_loss(lp, lp, adv, mask, 0.2, aggregation="seq_mean_token_sum", max_len=3)
+    dr_grpo = Aggregation("seq_mean_token_sum", LossNorm(tokens=3, sequences=2, max_len=3))
+    loss, _ = ppo_policy_loss(lp, lp, adv, mask, 0.2, agg=dr_grpo)
     assert loss.item() == pytest.approx(-(3.0 / 3 + 3.0 / 3) / 2)
 
 
@@ -273,7 +273,7 @@ def test_entropy_bonus_aggregates_and_keeps_gradient():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     bonus = entropy_bonus(entropy, mask)
     assert bonus.item() == pytest.approx((1.0 + 2.0 + 5.0) / 3)
-    seq = entropy_bonus(entropy, mask, "seq_mean_token_mean")
+    seq = entropy_bonus(entropy, mask, Aggregation("seq_mean_token_mean"))
     assert seq.item() == pytest.approx((1.5 + 5.0) / 2)
     bonus.backward()
     torch.testing.assert_close(entropy.grad, mask.float() / 3)
