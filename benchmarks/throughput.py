@@ -160,22 +160,22 @@ def sync_compare(cfg: TrainConfig, reps: int = 5, warmup: int = 2) -> dict:
     roles = Roles(cfg)
     try:
         for _ in range(warmup):
-            roles.sync_weights()
-            roles.sync_weights(transport="object_store")
+            roles.sync.sync()
+            roles.sync.sync(transport="object_store")
         # What each mode must send, from the trainer's gathered weights: whole tensors, or each
         # rank's piece of them (the fingerprint names the split).
         world = len(roles.policy)
-        expected = {g: roles.policy_fingerprint(1 if g else world) for g in (True, False)}
+        expected = {g: roles.sync.policy_fingerprint(1 if g else world) for g in (True, False)}
         timings, same = {}, True
         for name, (mb, ahead, gather, transport) in SYNC_MODES.items():
             seconds = []
             for _ in range(reps):
                 start = time.perf_counter()
-                result = roles.sync_weights(mb, ahead, gather, True, transport)
+                result = roles.sync.sync(mb, ahead, gather, True, transport)
                 seconds.append(time.perf_counter() - start)
             timings[name] = {"seconds": statistics.median(seconds), "buckets": result.num_buckets}
             same &= result.fingerprint == expected[gather]
-        transport = roles.transport
+        transport = roles.sync.transport
     finally:
         roles.shutdown()
     nbytes = result.num_bytes

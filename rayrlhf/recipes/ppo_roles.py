@@ -11,17 +11,13 @@ the phase, not a silent hang.
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections import deque
-
 import ray
 import torch
 from ray.util.placement_group import placement_group_table
 
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
-from rayrlhf.cluster.placement import address_and_port, threads_for
+from rayrlhf.cluster.placement import threads_for
 from rayrlhf.config import RankGroupConfig, TrainConfig
 from rayrlhf.types import (
     Experience,
@@ -34,8 +30,7 @@ from rayrlhf.types import (
     TrainStats,
     shard_rows,
 )
-from rayrlhf.weight_sync.collective import resolve_backend
-from rayrlhf.weight_sync.records import segment_offsets
+from rayrlhf.weight_sync.driver import WeightSync
 from rayrlhf.workers.critic import CriticWorker
 from rayrlhf.workers.policy import PolicyWorker, mean_stats
 from rayrlhf.workers.reference import ReferenceWorker
@@ -69,8 +64,6 @@ class Roles:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
-        self._num_buckets: dict[float, int] = {}
-        self._syncs = 0  # syncs so far: every `sync.verify_every`-th hashes the bytes
         self.actors = ActorSet(cfg.phase_timeout_s, cfg.placement_timeout_s)
         try:
             self._start(cfg)
@@ -105,11 +98,9 @@ class Roles:
             lambda i: (cfg.policy.model_path, ro, seed, i),
         )  # fmt: skip
         actors.wait_ready()
-        self.transport = self._resolve_transport()
-        if self.transport == "shared_memory":
-            self.open_segment()
-        elif self.transport == "broadcast":
-            self._init_broadcast_group()
+        nodes = self._nodes("policy", "rollout")
+        gpus = ro.resources.num_gpus
+        self.sync = WeightSync(self.policy, self.engines, cfg.sync, self.get, nodes, gpus)
 
     def all_actors(self) -> list:
         return self.actors.all()
@@ -123,61 +114,10 @@ class Roles:
         tables = [placement_group_table(self.actors.groups[r]) for r in roles]
         return {node for t in tables for node in t["bundles_to_node_id"].values()}
 
-    def _resolve_transport(self) -> str:
-        """`sync.transport`, with 'auto' made concrete: shared memory when the policy ranks and
-        the engines share one node and its /dev/shm has room for the segment, else the object
-        store."""
-        wanted = self.cfg.sync.transport
-        if wanted not in ("auto", "shared_memory"):
-            return wanted
-        nodes = self._nodes("policy", "rollout")
-        if len(nodes) > 1:
-            if wanted == "auto":
-                return "object_store"
-            raise ValueError(
-                f"sync.transport=shared_memory needs the policy ranks and the engines on one "
-                f"node; they are on {len(nodes)}. Use auto or object_store"
-            )
-        metas = self.get(self.policy[0].param_metas.remote(), "sync set-up")
-        need = segment_offsets(metas)[1]
-        free = self.get(self.policy[0].free_shared_memory.remote(), "sync set-up")
-        if wanted == "auto" and free < 2 * need:  # leave room for Ray's object store
-            print(
-                f"rayrlhf: weight sync through the object store: /dev/shm has {free / 2**30:.1f} "
-                f"GiB free, short of twice the {need / 2**30:.1f} GiB segment",
-                flush=True,
-            )
-            return "object_store"
-        return "shared_memory"
-
-    def open_segment(self) -> None:
-        """Map one shared segment, the size of the policy's weights, into every policy rank and
-        engine (one node), then unlink its name: the memory goes when the last process that
-        maps it exits, however the run ends."""
-        path = os.path.join("/dev/shm", f"rayrlhf-weights-{uuid.uuid4().hex[:16]}")
-        metas = self.get(self.policy[0].param_metas.remote(), "sync set-up")
-        self.get(self.policy[0].open_segment.remote(path, create=True), "sync set-up")
-        try:
-            opens = [p.open_segment.remote(path) for p in self.policy[1:]]
-            opens += [e.open_segment.remote(path, metas) for e in self.engines]
-            self.get(opens, "sync set-up")
-        finally:
-            self.get(self.policy[0].unlink_segment.remote(), "sync set-up")
-
-    def _init_broadcast_group(self) -> None:
-        backend = resolve_backend(self.cfg.sync.backend)
-        if backend == "nccl" and not self.cfg.rollout.resources.num_gpus:
-            raise ValueError("sync.backend nccl needs GPU engines (rollout.resources.num_gpus)")
-        plan = self.get(self.policy[0].sync_plan.remote(self.cfg.sync.bucket_mb), "sync plan")
-        host, port = self.get(address_and_port.remote(), "sync group address")
-        sizes = self.get([e.num_workers.remote() for e in self.engines], "sync group")
-        world, offsets = 1 + sum(sizes), [1 + sum(sizes[:i]) for i in range(len(sizes))]
-        joins = [self.policy[0].init_weight_group.remote(host, port, world, backend)]
-        joins += [
-            e.init_weight_group.remote(host, port, off, world, backend, plan)
-            for e, off in zip(self.engines, offsets)
-        ]
-        self.get(joins, "sync group")
+    @property
+    def transport(self) -> str:
+        """The weight-sync transport in use, 'auto' resolved."""
+        return self.sync.transport
 
     # ---- the verbs of a step --------------------------------------------------------------
 
@@ -226,75 +166,13 @@ class Roles:
             crt += [o.value for o in out[len(p) :]]
         return mean_stats(pol), mean_stats(crt) if crt else TrainStats(loss=0.0)
 
-    def sync_weights(
-        self,
-        bucket_mb: float | None = None,
-        max_in_flight: int | None = None,
-        gather: bool = False,
-        hash_bytes: bool | None = None,
-        transport: str | None = None,
-    ) -> SyncResult:
-        """Push the policy's new weights into every engine and verify them there: the bytes on
-        the first and every `sync.verify_every`-th sync, names, dtypes, shapes and sizes always.
-
-        The arguments are for the benchmark's baselines and ablations (see `sync_streamed`):
-        `transport` may pick the object store over shared memory; the broadcast's bucket plan is
-        fixed at start-up.
-        """
-        sync = self.cfg.sync
-        mb = bucket_mb or sync.bucket_mb
-        if hash_bytes is None:
-            hash_bytes = self._syncs % sync.verify_every == 0
-        self._syncs += 1
-        transport = transport or self.transport
-        if transport == "broadcast":
-            calls = [a.broadcast_weights.remote(mb, hash_bytes) for a in self.policy]
-            calls += [e.receive_weights.remote(hash_bytes) for e in self.engines]
-            return self.get(calls, "sync")[0]
-        ahead = sync.max_in_flight if max_in_flight is None else max_in_flight
-        return self.sync_streamed(mb, ahead, gather, hash_bytes, transport == "shared_memory")
-
-    def sync_streamed(
-        self,
-        bucket_mb: float,
-        max_in_flight: int,
-        gather: bool = False,
-        hash_bytes: bool = True,
-        segment: bool = False,
-    ) -> SyncResult:
-        """Stream buckets: every rank sends its partition of bucket k, into the shared `segment`
-        or the object store, and every engine loads it as soon as all pieces are there, while
-        the ranks send k+1; at most `max_in_flight` buckets run ahead of the engines' loads.
-        Peers' per-parameter sync is one parameter per bucket, `max_in_flight` 0 and `gather`
-        (rank 0 gathers and puts each parameter; always through the object store)."""
-        if bucket_mb not in self._num_buckets:
-            n = self.get(self.policy[0].num_buckets.remote(bucket_mb), "sync")
-            self._num_buckets[bucket_mb] = n
-        segment = segment and not gather
-        pending: deque[list] = deque()
-        for k in range(self._num_buckets[bucket_mb]):
-            put = [
-                a.put_bucket.remote(k, bucket_mb, gather, hash_bytes, segment) for a in self.policy
-            ]
-            load = [
-                (e.load_segment_bucket if segment else e.load_bucket).remote(k, hash_bytes, *put)
-                for e in self.engines
-            ]
-            pending.append(put + load)
-            while len(pending) > max_in_flight:
-                self.get(pending.popleft(), "sync")
-        for refs in pending:
-            self.get(refs, "sync")
-        rank0, others = self.policy[0], self.policy[1:]
-        sent = rank0.sync_result.remote(*[a.sent_records.remote() for a in others])
-        self.get([e.finish_load.remote(sent) for e in self.engines], "sync")
-        return self.get(sent, "sync")
+    def sync_weights(self) -> SyncResult:
+        """Push the policy's new weights into every engine and verify them (`WeightSync.sync`)."""
+        return self.sync.sync()
 
     def policy_fingerprint(self, parts: int = 1) -> str:
-        """What a sync must deliver: the fingerprint of the policy's current weights, each tensor
-        whole (`parts` 1) or in the pieces `parts` ranks send. Gathers every bucket."""
-        calls = [a.fingerprint.remote(self.cfg.sync.bucket_mb, parts) for a in self.policy]
-        return self.get(calls, "fingerprint")[0]
+        """What a sync must deliver (`WeightSync.policy_fingerprint`)."""
+        return self.sync.policy_fingerprint(parts)
 
     def save_policy(self, path: str) -> None:
         self.get([a.save.remote(path) for a in self.policy], "save")

@@ -2,7 +2,9 @@
 
 They run where the model lives (the engine's worker process, or the engine actor itself when
 VLLM_ENABLE_V1_MULTIPROCESSING=0), so tensors go straight into the model without copies through
-the engine.
+the engine. `engine_end.WeightReceiver` calls them by their `__name__`, so the names are defined
+here once; vLLM is imported only where it is used, so that importing this module for the names
+is cheap.
 
 Loading uses vLLM's layerwise reload: it buffers each layer's weights until the layer is
 complete, then runs the layer's weight processing (on CPU, repacking for the GEMM kernels) and
@@ -15,23 +17,19 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-import ray
 import torch
-from vllm.model_executor.model_loader.reload import (
-    finalize_layerwise_reload,
-    initialize_layerwise_reload,
-)
 
-from rayrlhf.weight_sync.collective import new_group
-from rayrlhf.weight_sync.records import (
-    Fingerprint,
-    ParamMeta,
-    SegmentBucket,
-    SharedSegment,
-    assemble,
-    check_fingerprint,
+from rayrlhf.weight_sync.broadcast import (
+    GroupAddress,
+    group_device,
     receive_broadcast,
     receive_digest,
+)
+from rayrlhf.weight_sync.object_store import StoredPieces, add_wires, assemble, fetch
+from rayrlhf.weight_sync.records import Fingerprint, ParamMeta, check_fingerprint
+from rayrlhf.weight_sync.shared_memory import (
+    SegmentPiece,
+    SharedSegment,
     segment_bucket,
     segment_offsets,
 )
@@ -50,7 +48,8 @@ logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter
 
 
 class WeightSyncExtension:
-    """Receives weights from the trainer and verifies them."""
+    """Receives weights from the trainer and verifies them. vLLM's worker provides
+    `self.model_runner`, `self.vllm_config` and `self.rank`."""
 
     def rr_init_hashing(self, threads: int) -> None:
         """Hash what arrives on `threads` threads, off the loading thread. One XXH3 thread
@@ -65,6 +64,8 @@ class WeightSyncExtension:
 
     def _rr_session(self, index: int, hash_bytes: bool) -> torch.nn.Module:
         """The model, with a reload session opened by bucket 0."""
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
         model = self.model_runner.get_model()
         if index == 0:
             self._rr_received = Fingerprint(self._hasher(), hash_bytes)
@@ -72,14 +73,14 @@ class WeightSyncExtension:
         return model
 
     def rr_load_bucket(
-        self, index: int, hash_bytes: bool, wire_refs: tuple[list | None, ...]
+        self, index: int, hash_bytes: bool, stored: tuple[StoredPieces | None, ...]
     ) -> None:
-        """Object store: load one bucket from the ranks' pieces (`[ref]` or None per trainer
-        rank). The pieces are hashed as they arrived, on the hashing threads, while the joined
-        tensors load."""
+        """Object store: load one bucket from the ranks' pieces (their `put_bucket` results, in
+        rank order). The pieces are hashed as they arrived, on the hashing threads, while the
+        joined tensors load."""
         model = self._rr_session(index, hash_bytes)
-        wires = ray.get([r[0] for r in wire_refs if r])
-        self._rr_received.add_wires(wires)
+        wires = fetch(stored)
+        add_wires(self._rr_received, wires)
         model.load_weights(assemble(wires))
 
     def rr_open_segment(self, path: str, metas: list[ParamMeta]) -> None:
@@ -88,10 +89,11 @@ class WeightSyncExtension:
         self._rr_segment = SharedSegment(path, nbytes)
 
     def rr_load_segment_bucket(
-        self, index: int, hash_bytes: bool, written: tuple[SegmentBucket, ...]
+        self, index: int, hash_bytes: bool, written: tuple[list[SegmentPiece], ...]
     ) -> None:
         """Shared memory: load one bucket, as views of the segment, from where the ranks wrote
-        it (`SegmentBucket` per trainer rank); the pieces hash on the hashing threads."""
+        it (their `write_bucket_to_segment` results, in rank order); the pieces hash on the
+        hashing threads."""
         model = self._rr_session(index, hash_bytes)
         fp, segment = self._rr_received, self._rr_segment
         model.load_weights(segment_bucket(segment, self._rr_offsets, list(written), fp))
@@ -99,31 +101,23 @@ class WeightSyncExtension:
     def rr_finish_load(self, expected: str) -> str:
         """Object store and shared memory: close the session (process what is left, e.g.
         attention layers) and compare what was loaded with what the trainer sent."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
         finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
         return check_fingerprint(expected, self._rr_received, f"vLLM worker rank {self.rank}")
 
     def rr_init_group(
-        self,
-        host: str,
-        port: int,
-        rank_offset: int,
-        world_size: int,
-        backend: str,
-        plan: list[list[ParamMeta]],
+        self, group: GroupAddress, rank_offset: int, plan: list[list[ParamMeta]]
     ) -> int:
-        """Join the broadcast group as rank `rank_offset + tensor-parallel rank`."""
+        """Broadcast: join the group as rank `rank_offset + tensor-parallel rank`."""
         rank = rank_offset + self.rank
-        self._rr_group = new_group(backend, host, port, rank, world_size)
+        self._rr_group = group.join(rank)
         self._rr_plan = plan
-        self._rr_device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if backend == "nccl"
-            else torch.device("cpu")
-        )
+        self._rr_device = group_device(group.backend)
         return rank
 
     def rr_receive_broadcast(self, hash_bytes: bool) -> str:
-        """Receive one sync over the group; return the fingerprint of what was loaded."""
+        """Broadcast: receive one sync; return the fingerprint of what was loaded."""
         fp = Fingerprint(self._hasher(), hash_bytes)
         stream = receive_broadcast(self._rr_group, self._rr_plan, self._rr_device, fp)
         self.model_runner.reload_weights(weights_iterator=stream)

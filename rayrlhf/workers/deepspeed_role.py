@@ -1,21 +1,20 @@
-"""What the ZeRO-3 roles (policy, critic) share: process group, sharded load, engine, gathering.
+"""What the ZeRO-3 roles (policy, critic) share: process group, sharded load, engine, saving.
 
 Each rank is one Ray actor. The model is built inside `HfDeepSpeedConfig`'s zero.Init, so no rank
-ever holds the full parameters; gathering happens a bucket at a time when weights leave the group.
+ever holds the full parameters; gathering happens a bucket at a time when weights leave the group
+(`weight_sync.zero3`).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-from torch import Tensor
 
 from rayrlhf.cluster.placement import RankSpec
-from rayrlhf.weight_sync.records import ParamMeta, piece_bounds, plan_buckets
+from rayrlhf.weight_sync import zero3
+from rayrlhf.weight_sync.records import plan_buckets
 
 
 def deepspeed_config(spec: RankSpec, use_cuda: bool) -> dict:
@@ -74,7 +73,6 @@ class DeepSpeedRole:
             model=model, config=self.ds_config, model_parameters=model.parameters()
         )
         self.model_path = model_path
-        self._plans: dict[int, list[list[ParamMeta]]] = {}
 
     @property
     def module(self) -> torch.nn.Module:
@@ -85,58 +83,11 @@ class DeepSpeedRole:
         params = list(self.module.parameters())
         return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
 
-    def param_metas(self) -> list[ParamMeta]:
-        """Full (unsharded) name, shape and dtype of every parameter, in sync order."""
-        return [ParamMeta(n, tuple(p.ds_shape), p.dtype) for n, p in self.module.named_parameters()]
-
-    def bucket_plan(self, bucket_bytes: int) -> list[list[ParamMeta]]:
-        """The parameters in buckets of about `bucket_bytes` (the same on every rank)."""
-        if bucket_bytes not in self._plans:
-            self._plans[bucket_bytes] = plan_buckets(self.param_metas(), bucket_bytes)
-        return self._plans[bucket_bytes]
-
-    @contextmanager
-    def gathered(self, metas: list[ParamMeta]) -> Iterator[list[tuple[str, Tensor]]]:
-        """The full parameters of `metas` while the context lasts. Collective.
-
-        Rank 0 gets (name, tensor) views of DeepSpeed's gathered buffers, valid only inside the
-        context (copy what must outlive it); other ranks get an empty list.
-        """
-        import deepspeed
-
-        named = dict(self.module.named_parameters())
-        params = [named[m.name] for m in metas]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield [(m.name, p.data) for m, p in zip(metas, params)] if self.spec.rank == 0 else []
-
-    def local_pieces(self, metas: list[ParamMeta]) -> list[tuple[str, Tensor]]:
-        """This rank's ZeRO-3 partition of each parameter in `metas`, padding cut off: piece
-        `rank` of `piece_bounds(numel, world_size)`, a view, no collective."""
-        named = dict(self.module.named_parameters())
-        rank, world = self.spec.rank, self.spec.world_size
-        out = []
-        for m in metas:
-            lo, hi = piece_bounds(m.numel, world)[rank]
-            part = named[m.name].ds_tensor.detach()
-            if part.numel() != -(-m.numel // world):  # e.g. hpZ or MiCS partitioning
-                raise RuntimeError(
-                    f"{m.name}: rank {rank} holds {part.numel()} of {m.numel} elements, not the "
-                    f"ZeRO-3 layout of {world} equal pieces that weight sync reads"
-                )
-            out.append((m.name, part[: hi - lo]))
-        return out
-
-    def gathered_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
-        """Yield full parameters a bucket at a time (see `gathered`: each bucket's tensors are
-        valid until the next one is requested). Collective: every rank must iterate."""
-        for metas in self.bucket_plan(bucket_bytes):
-            with self.gathered(metas) as bucket:
-                yield bucket
-
     def save(self, path: str, bucket_mb: float = 256.0) -> None:
         """Write an HF checkpoint (model + tokenizer) from rank 0. Collective."""
+        plan = plan_buckets(zero3.param_metas(self.module), int(bucket_mb * 2**20))
         state = {}
-        for bucket in self.gathered_buckets(int(bucket_mb * 2**20)):
+        for bucket in zero3.gathered_buckets(self.module, plan, self.spec.rank):
             state.update({n: t.detach().to("cpu", copy=True) for n, t in bucket})
         if self.spec.rank == 0:
             from transformers import AutoTokenizer

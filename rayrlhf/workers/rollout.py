@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 
 from rayrlhf.config import RolloutConfig
-from rayrlhf.types import Sample, SyncResult, Timed, timed
-from rayrlhf.weight_sync.records import ParamMeta
+from rayrlhf.types import Sample, Timed, timed
+from rayrlhf.weight_sync.engine_end import EXTENSION, WeightReceiver
 from rayrlhf.workers.host_memory import keep_freed_memory
-
-EXTENSION = "rayrlhf.weight_sync.vllm_extension.WeightSyncExtension"
 
 
 def generate_on(
@@ -32,8 +30,9 @@ def generate_on(
     return get(calls, "generate")
 
 
-class RolloutEngine:
-    """A vLLM engine that generates rollouts and receives weights from the trainer."""
+class RolloutEngine(WeightReceiver):
+    """A vLLM engine that generates rollouts; it receives weights from the trainer through
+    `WeightReceiver`."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, index: int) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -61,9 +60,7 @@ class RolloutEngine:
             enable_prefix_caching=False,
             **kv,
         )
-        # Each vLLM worker hashes the weights it receives on its share of the engine's CPUs.
-        threads = max(1, int(cfg.resources.num_cpus) // cfg.tensor_parallel_size)
-        self.llm.collective_rpc("rr_init_hashing", args=(threads,))
+        self.init_hashing()
         # The first generate pays vLLM's one-off warm-up (~8 s on CPU); pay it at start-up so
         # step times measure steps.
         self.generate([[0]], seed=0, greedy=True)
@@ -95,46 +92,3 @@ class RolloutEngine:
             lps = [step[t].logprob for step, t in zip(o.logprobs, ids)]
             samples.append(Sample(list(p), ids, lps, o.text, self.index))
         return samples
-
-    def load_bucket(self, index: int, hash_bytes: bool, *wire_refs: list | None) -> None:
-        """Object-store transport: load bucket `index` from the pieces the trainer ranks put
-        (their `put_bucket` results, in rank order); Ray starts this call once they are all
-        there."""
-        self.llm.collective_rpc("rr_load_bucket", args=(index, hash_bytes, wire_refs))
-
-    def open_segment(self, path: str, metas: list[ParamMeta]) -> None:
-        """Shared-memory transport: map the node's weight segment (see `SharedSegment`)."""
-        self.llm.collective_rpc("rr_open_segment", args=(path, metas))
-
-    def load_segment_bucket(self, index: int, hash_bytes: bool, *written: list) -> None:
-        """Shared-memory transport: load bucket `index` from the segment, once every trainer
-        rank has written its piece (their `put_bucket` results, in rank order, say what)."""
-        self.llm.collective_rpc("rr_load_segment_bucket", args=(index, hash_bytes, written))
-
-    def finish_load(self, sent: SyncResult) -> list[str]:
-        """Object-store and shared-memory transports: end the sync and check it against what
-        the trainer sent; one fingerprint per vLLM worker."""
-        return self.llm.collective_rpc("rr_finish_load", args=(sent.fingerprint,))
-
-    def num_workers(self) -> int:
-        """vLLM workers in this engine (= tensor-parallel size): members of a sync group."""
-        return self.cfg.tensor_parallel_size
-
-    def init_weight_group(
-        self,
-        host: str,
-        port: int,
-        rank_offset: int,
-        world_size: int,
-        backend: str,
-        plan: list[list[ParamMeta]],
-    ) -> list[int]:
-        """Broadcast transport: join the sync group (blocks until the trainer joins too)."""
-        return self.llm.collective_rpc(
-            "rr_init_group", args=(host, port, rank_offset, world_size, backend, plan)
-        )
-
-    def receive_weights(self, hash_bytes: bool) -> list[str]:
-        """Broadcast transport: receive one sync and check it; runs while the trainer
-        broadcasts."""
-        return self.llm.collective_rpc("rr_receive_broadcast", args=(hash_bytes,))

@@ -20,6 +20,7 @@ from rayrlhf.algorithms.experience import assemble_rollout, loss_norms, make_exp
 from rayrlhf.config import load_config
 from rayrlhf.data.demo_task import demo_prompts
 from rayrlhf.recipes.ppo_roles import Roles
+from rayrlhf.weight_sync.object_store import StoredPieces
 from rayrlhf.weight_sync.records import WeightSyncError
 from rayrlhf.workers.rollout import RolloutEngine
 
@@ -117,7 +118,7 @@ def test_broadcast_sync_fingerprints_match(stack):
 def test_object_store_sync_streams_verified_weights(stack, max_in_flight, gather):
     """Both ways to send: each rank its ZeRO-3 pieces (default), or rank 0 the gathered whole."""
     cfg, roles, tok = stack
-    sent = roles.sync_streamed(cfg.sync.bucket_mb, max_in_flight, gather)
+    sent = roles.sync.streamed(cfg.sync.bucket_mb, max_in_flight, gather)
     parts = 1 if gather else len(roles.policy)  # the digest names how the tensors were split
     trainer_fp = roles.policy_fingerprint(parts)
     assert sent.num_buckets > 1 and sent.fingerprint == trainer_fp
@@ -143,8 +144,8 @@ def test_shared_memory_sync_brings_stale_engines_up_to_date(stack):
     mask = stale.action_mask.bool()
     stale_diff = (stale.engine_logprobs - roles.score(stale).old_logprobs).abs()[mask]
     assert stale_diff.max().item() > 10 * LOGPROB_TOL  # the update moved the policy
-    roles.open_segment()
-    sent = roles.sync_streamed(cfg.sync.bucket_mb, 2, segment=True)
+    roles.sync.open_segment()
+    sent = roles.sync.streamed(cfg.sync.bucket_mb, 2, segment=True)
     assert sent.num_buckets > 1 and sent.fingerprint == roles.policy_fingerprint(len(roles.policy))
     fresh = _rollout(roles, tok, seed=9)
     mask = fresh.action_mask.bool()
@@ -168,11 +169,11 @@ def test_corrupted_sync_is_detected(stack):
     engine = roles.engines[0]
     puts, sent = _put_all(roles, cfg.sync.bucket_mb)
     assert len(roles.policy) > 1 and all(len(p) == len(roles.policy) for p in puts)
-    piece = ray.get(puts[0][-1][0])  # the last rank's piece of bucket 0
-    name, dtype, shape, raw = piece[0]
-    bad = raw.copy()
+    wire = ray.get(puts[0][-1].ref)  # the last rank's pieces of bucket 0
+    bad = wire[0].raw.copy()
     bad.view("float32")[0] += 1e-3  # one element, slightly off: the silent kind of corruption
-    corrupted = [[*puts[0][:-1], [ray.put([(name, dtype, shape, bad), *piece[1:]])]], *puts[1:]]
+    bad_wire = StoredPieces(ray.put([wire[0]._replace(raw=bad), *wire[1:]]))
+    corrupted = [[*puts[0][:-1], bad_wire], *puts[1:]]
     ray.get([engine.load_bucket.remote(k, True, *refs) for k, refs in enumerate(corrupted)])
     with pytest.raises(ray.exceptions.RayTaskError) as err:
         ray.get(engine.finish_load.remote(sent))
@@ -186,7 +187,7 @@ def test_sync_without_hashing_still_checks_every_tensor_arrived(stack):
     """Between byte checks (`sync.verify_every`) a sync hashes nothing but still compares names,
     dtypes, shapes and sizes: an engine that missed a bucket stops the run."""
     cfg, roles, tok = stack
-    sent = roles.sync_streamed(cfg.sync.bucket_mb, 2, False, hash_bytes=False)
+    sent = roles.sync.streamed(cfg.sync.bucket_mb, 2, False, hash_bytes=False)
     assert not sent.hashed and sent.num_tensors > 0
     assert sent.fingerprint != roles.policy_fingerprint(len(roles.policy))  # no bytes in it
     rollout = _rollout(roles, tok, seed=6)
