@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rayrlhf.cluster.actors import ActorSet
@@ -27,7 +27,6 @@ from rayrlhf.runtime.zero3_run import (
     DataSplitsConfig,
     Zero3RunConfig,
     call_ranks,
-    check_data_source,
     load_splits,
     padded_indices,
     prepare_inputs,
@@ -49,15 +48,12 @@ class RMDataConfig(DataSplitsConfig):
 
 
 class RMConfig(Zero3RunConfig):
+    SYNTHETIC, ROWS = "synthetic_pairs", "pairs"
+
     synthetic_pairs: int | None = Field(None, ge=1)
     """Demo only: generate this many training pairs (and 100 held-out ones) into run_dir/data."""
     data: RMDataConfig = RMDataConfig()
     """The preference pairs."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> RMConfig:
-        check_data_source("synthetic_pairs", self.synthetic_pairs, self.data, "pairs")
-        return self
 
 
 def load_rm_config(path: str | Path | None = None, overrides: list[str] = ()) -> RMConfig:

@@ -11,7 +11,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.config import load_recipe
@@ -22,7 +22,6 @@ from rayrlhf.runtime.zero3_run import (
     DataSplitsConfig,
     Zero3RunConfig,
     call_ranks,
-    check_data_source,
     load_splits,
     padded_indices,
     prepare_inputs,
@@ -44,15 +43,12 @@ class SFTDataConfig(DataSplitsConfig):
 
 
 class SFTConfig(Zero3RunConfig):
+    SYNTHETIC, ROWS = "synthetic_demos", "demonstrations"
+
     synthetic_demos: int | None = Field(None, ge=1)
     """Demo only: generate this many demonstrations (and 100 held-out) into run_dir/data."""
     data: SFTDataConfig = SFTDataConfig()
     """The demonstrations."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SFTConfig:
-        check_data_source("synthetic_demos", self.synthetic_demos, self.data, "demonstrations")
-        return self
 
 
 def load_sft_config(path: str | Path | None = None, overrides: list[str] = ()) -> SFTConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from transformers import AutoTokenizer
@@ -41,14 +41,20 @@ class Zero3RunConfig(RayRunConfig, RankGroupConfig):
     """A malformed data row stops the run naming file:line ('error'), or is left out and
     counted ('skip')."""
 
+    SYNTHETIC: ClassVar[str]
+    """Name of the subclass's field that asks for synthetic training data instead of a file."""
+    ROWS: ClassVar[str]
+    """What a row of data.train holds, for the errors."""
+
     @model_validator(mode="after")
-    def _batches_divide(self) -> Zero3RunConfig:
+    def _consistent(self) -> Zero3RunConfig:
         per_step = self.micro_batch_size * self.num_ranks
         if self.batch_size % per_step:
             raise ValueError(
                 f"batch_size={self.batch_size} must be divisible by micro_batch_size x "
                 f"num_ranks = {per_step}"
             )
+        check_data_source(self.SYNTHETIC, getattr(self, self.SYNTHETIC), self.data, self.ROWS)
         return self
 
 
