@@ -21,9 +21,15 @@ from collections.abc import Callable
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from rayrlhf.cluster.placement import actor_options, reserve, start_zero3_ranks
+from rayrlhf.cluster.placement import (
+    actor_options,
+    engine_actor_options,
+    engine_layout,
+    reserve,
+    start_zero3_ranks,
+)
 from rayrlhf.cluster.waits import bounded_get
-from rayrlhf.config import RankGroupConfig, Resources
+from rayrlhf.config import RankGroupConfig, Resources, RolloutConfig
 
 
 class ActorSet:
@@ -32,7 +38,8 @@ class ActorSet:
     def __init__(self, phase_timeout_s: float, placement_timeout_s: float) -> None:
         self.timeout = phase_timeout_s
         self.placement_timeout = placement_timeout_s
-        self.groups: dict[str, PlacementGroup] = {}
+        self.groups: dict[str, list[PlacementGroup]] = {}
+        """Each role's placement groups: one, or one per engine for tensor-parallel engines."""
         self.actors: dict[str, list] = {}
 
     def __enter__(self) -> ActorSet:
@@ -45,10 +52,13 @@ class ActorSet:
         """`ray.get` bounded by the phase time-out, with an error that names the phase."""
         return bounded_get(refs, self.timeout, phase)
 
-    def reserve(self, role: str, res: Resources, count: int) -> PlacementGroup:
-        """`count` bundles for `role`, in a placement group of its own."""
-        pg = reserve(role, res, count, self.placement_timeout)
-        self.groups[role] = pg
+    def reserve(
+        self, role: str, res: Resources, count: int, strategy: str = "PACK", name: str = ""
+    ) -> PlacementGroup:
+        """`count` bundles for `role`, in a placement group of its own (named `name`, else
+        after the role)."""
+        pg = reserve(name or role, res, count, self.placement_timeout, strategy)
+        self.groups.setdefault(role, []).append(pg)
         self.actors.setdefault(role, [])
         return pg
 
@@ -65,6 +75,28 @@ class ActorSet:
     def start_one(self, role: str, cls: type, res: Resources, *args):
         """A single actor of `cls(*args)` for `role`."""
         return self.start(role, cls, res, 1, lambda _: args)[0]
+
+    def start_engines(
+        self, role: str, cls: type, ro: RolloutConfig, args: Callable[[int], tuple]
+    ) -> list:
+        """`ro.num_engines` engine actors, engine i built with `args(i)`, placed as
+        `engine_layout` says: one bundle each, or a group of tensor_parallel_size single-GPU
+        bundles each with the actor in bundle 0."""
+        layout = engine_layout(ro)
+        if layout.groups == 1:
+            return self.start(role, cls, ro.resources, ro.num_engines, args)
+        for i in range(ro.num_engines):
+            pg = self.reserve(role, ro.resources, layout.bundles, layout.strategy, f"{role}-{i}")
+            options = engine_actor_options(pg, ro.resources)
+            self.actors[role].append(ray.remote(cls).options(**options).remote(*args(i)))
+        return self.actors[role]
+
+    def nodes(self, *roles: str) -> set[str]:
+        """The Ray node ids that `roles`' reserved bundles are on."""
+        from ray.util.placement_group import placement_group_table
+
+        pgs = [pg for role in roles for pg in self.groups.get(role, [])]
+        return {n for pg in pgs for n in placement_group_table(pg)["bundles_to_node_id"].values()}
 
     def start_zero3(
         self, role: str, cls: type, group: RankGroupConfig, grad_accum_steps: int, seed: int
@@ -101,8 +133,7 @@ class ActorSet:
         """Kill `role`'s actors and free its bundles."""
         for actor in self.actors.pop(role, []):
             ray.kill(actor)
-        pg = self.groups.pop(role, None)
-        if pg is not None:
+        for pg in self.groups.pop(role, []):
             remove_placement_group(pg)
 
     def shutdown(self) -> None:

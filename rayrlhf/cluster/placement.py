@@ -1,4 +1,5 @@
-"""Resource groups: one Ray placement group per role, one bundle per actor of the role.
+"""Resource groups: one Ray placement group per role, one bundle per actor of the role (and one
+group per engine for tensor-parallel engines, `engine_layout`).
 
 On a GPU cluster a bundle holds the role's GPUs; on CPU it holds logical CPUs, so each role still
 gets its own reservation and its actors never compete for another role's slot. Reservation is
@@ -18,7 +19,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayrlhf.cluster.waits import bounded_get
-from rayrlhf.config import RankGroupConfig, Resources
+from rayrlhf.config import RankGroupConfig, Resources, RolloutConfig
 
 
 class PlacementError(RuntimeError):
@@ -33,17 +34,78 @@ def bundle(res: Resources) -> dict[str, float]:
     return out
 
 
-def reserve(role: str, res: Resources, count: int, timeout_s: float = 60.0) -> PlacementGroup:
+def reserve(
+    role: str, res: Resources, count: int, timeout_s: float = 60.0, strategy: str = "PACK"
+) -> PlacementGroup:
     """Reserve `count` bundles for `role`, or raise PlacementError within `timeout_s`."""
-    pg = placement_group([bundle(res)] * count, strategy="PACK", name=f"rayrlhf-{role}")
+    pg = placement_group([bundle(res)] * count, strategy=strategy, name=f"rayrlhf-{role}")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
         raise PlacementError(
-            f"{role}: could not reserve {count} x {bundle(res)} within {timeout_s:.0f}s; "
-            f"free on the cluster: {ray.available_resources()}"
+            f"{role}: could not reserve {count} x {bundle(res)} ({strategy}) within "
+            f"{timeout_s:.0f}s; free on the cluster: {ray.available_resources()}"
         )
     return pg
+
+
+@dataclass(frozen=True)
+class EngineLayout:
+    """How the rollout engines are reserved: `groups` placement groups of `bundles` bundles
+    each, every bundle `rollout.resources`.
+
+    Tensor parallel size 1: one group of one bundle per engine, the engine actor holding the
+    bundle's GPU (vLLM then runs in the actor). TP > 1: each engine its own group of TP
+    single-GPU bundles on one node (STRICT_PACK), the engine actor in bundle 0 with no GPU of
+    its own: inside a placement group vLLM picks its Ray executor, which starts one worker per
+    GPU bundle of the actor's group and refuses a bundle of more than one GPU. Each worker is a
+    Ray actor, so every transport reaches it: it joins the broadcast group, reads the object
+    store, maps /dev/shm on its node."""
+
+    groups: int
+    bundles: int
+    strategy: str
+
+
+def engine_layout(ro: RolloutConfig) -> EngineLayout:
+    """The engines' placement, or PlacementError for one vLLM cannot start."""
+    tp = ro.tensor_parallel_size
+    if tp == 1:
+        return EngineLayout(1, ro.num_engines, "PACK")
+    gpus = ro.resources.num_gpus
+    if gpus != 1:
+        raise PlacementError(
+            f"rollout: tensor_parallel_size {tp} puts each engine in {tp} bundles of "
+            f"rollout.resources, one per GPU worker, and vLLM's Ray executor needs exactly one "
+            f"GPU in each (it refuses a bundle of more than one); rollout.resources asks for "
+            f"{gpus:g} GPUs: set rollout.resources.num_gpus to 1, and its CPUs and custom "
+            "resources to one GPU's share"
+        )
+    return EngineLayout(ro.num_engines, tp, "STRICT_PACK")
+
+
+def engine_actor_options(pg: PlacementGroup, res: Resources) -> dict:
+    """`.options(...)` for a TP > 1 engine actor: bundle 0 of its own group, the bundle's CPUs
+    and custom resources but none of its GPU (vLLM's bundle-0 worker takes it), and the group
+    captured so that vLLM, inside the actor, finds it as the current placement group."""
+    return {
+        "num_cpus": res.num_cpus,
+        "num_gpus": 0,
+        "resources": dict(res.custom) or None,
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=pg,
+            placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True,
+        ),
+    }
+
+
+def vllm_executor_backend(tensor_parallel_size: int) -> str | None:
+    """`distributed_executor_backend` for an engine placed by `engine_layout`: 'ray' for TP > 1
+    (vLLM's own choice inside a placement group, but vLLM first checks that the actor sees TP
+    GPUs, which a 0-GPU engine actor does not, unless the backend is given); None (vLLM's
+    in-process executor) for TP 1."""
+    return "ray" if tensor_parallel_size > 1 else None
 
 
 def actor_options(pg: PlacementGroup, index: int, res: Resources) -> dict:
@@ -70,11 +132,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-@ray.remote(num_cpus=0)
-def address_and_port() -> tuple[str, int]:
-    """Run inside a role's bundle: the node's IP and a free port there (rank 0's rendezvous)."""
+def node_address_and_port() -> tuple[str, int]:
+    """This process's node IP and a free port there: a rendezvous that this process hosts."""
     ip = ray.util.get_node_ip_address()
     return ip, free_port(ip)
+
+
+@ray.remote(num_cpus=0)
+def address_and_port() -> tuple[str, int]:
+    """Run inside a role's bundle (pin it there: unpinned, it runs on the caller's node): the
+    node's IP and a free port there (rank 0's rendezvous)."""
+    return node_address_and_port()
 
 
 def start_ray(address: str | None, cpus_needed: float) -> None:

@@ -19,21 +19,34 @@ from torch import Tensor
 from rayrlhf.weight_sync.records import Fingerprint, ParamMeta, fingerprinted
 
 
-def resolve_backend(backend: str) -> str:
-    """'auto' -> 'nccl' when CUDA is available, else 'gloo'."""
+def resolve_backend(backend: str, gpus: bool) -> str:
+    """'auto' -> 'nccl' when every member of the group has a GPU (`gpus`), else 'gloo'.
+
+    Decided from where the members run, not from the caller's process: the driver that builds
+    the group usually sits on a CPU-only head."""
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if gpus else "gloo"
     return backend
+
+
+def nccl_options(timeout: datetime.timedelta):
+    """NCCL options with a time-out: without one a dead member hangs the others until the
+    watchdog's default (10 min or more) instead of failing after `timeout`."""
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return opts
 
 
 def new_group(
     backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0
 ) -> dist.ProcessGroup:
-    """Join a standalone group; rank 0 hosts the TCPStore. Blocks until all ranks joined."""
+    """Join a standalone group; rank 0 hosts the TCPStore on `host`, which must be rank 0's own
+    address (a TCPStore master connects to it too). Blocks until all ranks joined; any
+    collective that waits longer than `timeout_s` fails, on gloo and on NCCL."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
     if backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, world_size, dist.ProcessGroupNCCL.Options())
+        return dist.ProcessGroupNCCL(store, rank, world_size, nccl_options(timeout))
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     raise ValueError(f"unknown backend {backend!r}; valid: ['gloo', 'nccl']")
@@ -48,10 +61,12 @@ class GroupAddress:
     world_size: int
     backend: str
     """'gloo' or 'nccl' (`resolve_backend`)."""
+    timeout_s: float = 300.0
+    """Longest wait to join, and for any one collective (`sync.group_timeout_s`)."""
 
     def join(self, rank: int) -> dist.ProcessGroup:
         """Join as `rank` (`new_group`); blocks until every member joined."""
-        return new_group(self.backend, self.host, self.port, rank, self.world_size)
+        return new_group(self.backend, self.host, self.port, rank, self.world_size, self.timeout_s)
 
 
 def group_device(backend: str) -> torch.device:

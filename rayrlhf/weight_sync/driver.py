@@ -28,7 +28,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from rayrlhf.cluster.placement import address_and_port
 from rayrlhf.config import SyncConfig
 from rayrlhf.types import SyncResult
 from rayrlhf.weight_sync.broadcast import GroupAddress, resolve_backend
@@ -43,7 +42,8 @@ class WeightSync:
 
     `policy`: the policy's rank actors (`WeightSender`), rank 0 first; `engines`: the rollout
     engine actors (`WeightReceiver`); `nodes`: the Ray node ids of the policy and rollout
-    bundles, which decide `auto`; `engine_gpus`: GPUs per engine (NCCL needs some).
+    bundles; `policy_gpus`, `engine_gpus`: GPUs per policy rank and per engine bundle. Where
+    the ranks and engines run decides `auto`, never the driver's own process.
     """
 
     def __init__(
@@ -53,22 +53,27 @@ class WeightSync:
         cfg: SyncConfig,
         get: Get,
         nodes: set[str],
+        policy_gpus: float = 0,
         engine_gpus: float = 0,
     ) -> None:
         self.policy, self.engines, self.cfg, self.get = policy, engines, cfg, get
+        self.gpus = policy_gpus > 0 and engine_gpus > 0
         self._num_buckets: dict[float, int] = {}
         self._syncs = 0  # syncs so far: every `verify_every`-th hashes the bytes
         self.transport = self._resolve_transport(nodes)
         if self.transport == "shared_memory":
             self.open_segment()
         elif self.transport == "broadcast":
-            self._init_broadcast_group(engine_gpus)
+            self._init_broadcast_group()
 
     def _resolve_transport(self, nodes: set[str]) -> str:
-        """`cfg.transport`, with 'auto' made concrete: shared memory when the policy ranks and
-        the engines share one node and its /dev/shm has room for the segment, else the object
-        store."""
+        """`cfg.transport`, with 'auto' made concrete: with GPUs on both ends, the broadcast
+        (NCCL, GPU to GPU: the host-memory transports would copy every weight to the host and
+        back); else shared memory when the policy ranks and the engines share one node and its
+        /dev/shm has room for the segment, else the object store."""
         wanted = self.cfg.transport
+        if wanted == "auto" and self.gpus:
+            return "broadcast"
         if wanted not in ("auto", "shared_memory"):
             return wanted
         if len(nodes) > 1:
@@ -104,15 +109,23 @@ class WeightSync:
         finally:
             self.get(self.policy[0].unlink_segment.remote(), "sync set-up")
 
-    def _init_broadcast_group(self, engine_gpus: float) -> None:
-        """One group of policy rank 0 + every engine worker, in engine order."""
-        backend = resolve_backend(self.cfg.backend)
-        if backend == "nccl" and not engine_gpus:
-            raise ValueError("sync.backend nccl needs GPU engines (rollout.resources.num_gpus)")
+    def _init_broadcast_group(self) -> None:
+        """One group of policy rank 0 + every engine worker, in engine order. Rank 0 hosts the
+        group's TCPStore, so the rendezvous is an address on rank 0's node, which rank 0 reports
+        itself."""
+        backend = resolve_backend(self.cfg.backend, self.gpus)
+        if backend == "nccl" and not self.gpus:
+            raise ValueError(
+                "sync.backend nccl needs GPUs on both ends: policy.resources.num_gpus and "
+                "rollout.resources.num_gpus"
+            )
         plan = self.get(self.policy[0].sync_plan.remote(self.cfg.bucket_mb), "sync plan")
-        host, port = self.get(address_and_port.remote(), "sync group address")
+        host, port = self.get(self.policy[0].sync_group_address.remote(), "sync group address")
         sizes = self.get([e.num_workers.remote() for e in self.engines], "sync group")
-        group = GroupAddress(host, port, 1 + sum(sizes), backend)
+        group = GroupAddress(host, port, 1 + sum(sizes), backend, self.cfg.group_timeout_s)
+        members = f"{group.world_size} members"
+        where = f"rendezvous {host}:{port} (policy rank 0's node)"
+        print(f"rayrlhf: weight sync group: {backend}, {members}, {where}", flush=True)
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         joins = [self.policy[0].init_weight_group.remote(group)]
         joins += [

@@ -143,9 +143,18 @@ class Fingerprint:
 
     def update(self, name: str, tensor: Tensor, parts: int = 1) -> None:
         """A whole tensor, hashed in the pieces `parts` ZeRO-3 ranks send (`split_pieces`):
-        what a sync from that many ranks must arrive at. One piece by default."""
-        pieces = [raw_bytes(p) for p in split_pieces(tensor, parts)]
-        self.add_pieces(name, dtype_name(tensor.dtype), tuple(tensor.shape), pieces)
+        what a sync from that many ranks must arrive at. One piece by default.
+
+        Without `hash_bytes` only the pieces' sizes are recorded, read from the tensor's
+        metadata: reading its bytes would copy a GPU tensor to the host for nothing (a whole
+        model per sync, on the sender and on every vLLM worker)."""
+        pieces = split_pieces(tensor, parts)
+        dtype, shape = dtype_name(tensor.dtype), tuple(tensor.shape)
+        if not self.hash_bytes:
+            sizes = [p.numel() * p.element_size() for p in pieces]
+            self._add(name, dtype, shape, sizes, [b""] * len(pieces))
+            return
+        self.add_pieces(name, dtype, shape, [raw_bytes(p) for p in pieces])
 
     def add_pieces(
         self, name: str, dtype: str, shape: tuple[int, ...], pieces: list[np.ndarray]

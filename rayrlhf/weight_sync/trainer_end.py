@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rayrlhf.cluster.placement import node_address_and_port
 from rayrlhf.types import SyncResult
 from rayrlhf.weight_sync import zero3
 from rayrlhf.weight_sync.broadcast import GroupAddress, group_device, send_broadcast
@@ -136,6 +137,12 @@ class WeightSender:
         )
 
     # ---- broadcast -------------------------------------------------------------------------
+
+    def sync_group_address(self) -> tuple[str, int]:
+        """Rank 0: its node's address and a free port there. Rank 0 hosts the broadcast group's
+        TCPStore, whose master connects to the host it is given, so the rendezvous must be this
+        node's, not the driver's (a CPU-only head in the cluster manifests)."""
+        return node_address_and_port()
 
     def init_weight_group(self, group: GroupAddress) -> None:
         """Rank 0 only: join the sync group as its rank 0."""

@@ -13,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from rayrlhf.cluster.capacity import (
-    ClusterShape,
-    NodeType,
-    check_capacity,
-    plan_placement,
-    shape_from_nodes,
-)
+from rayrlhf.cluster.capacity import check_capacity, plan_placement
+from rayrlhf.cluster.live import shape_from_nodes
 from rayrlhf.cluster.placement import PlacementError
+from rayrlhf.cluster.shape import ClusterShape, NodeType
 from rayrlhf.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayrlhf.cluster.capacity import ClusterShape, NodeType, plan_placement
+from rayrlhf.cluster.capacity import plan_placement
+from rayrlhf.cluster.shape import ClusterShape, NodeType
 from rayrlhf.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,12 +59,16 @@ def node_type(name: str, group: dict, count: int | None) -> NodeType:
     custom = json.loads(json.loads(params["resources"])) if "resources" in params else {}
     (container,) = group["template"]["spec"]["containers"]
     mem = container["resources"]["limits"]["memory"]
+    # The GPU's memory is in the product name the pods select, e.g. NVIDIA-A100-SXM4-80GB.
+    product = group["template"]["spec"].get("nodeSelector", {}).get("nvidia.com/gpu.product", "")
+    gpu_gib = re.search(r"(\d+)GB$", product)
     return NodeType(
         name=name,
         count=count,
         num_cpus=float(params["num-cpus"]),
         num_gpus=float(params.get("num-gpus", 0)),
         memory_gib=gib(mem),
+        gpu_memory_gib=float(gpu_gib.group(1)) if gpu_gib else None,
         custom=custom,
     )
 
@@ -122,7 +127,11 @@ def test_recipe_custom_resources_and_gpus_exist_on_the_matching_group(recipe):
 def test_shipped_shape_matches_the_manifest(recipe):
     manifest, shape_file = CLUSTERS[recipe]
     shipped = ClusterShape.from_yaml(DEPLOY / "cluster-shapes" / shape_file)
-    assert shipped == shape_of(cluster_spec(manifest), "replicas")
+    assert shipped.model_copy(update={"models": {}}) == shape_of(cluster_spec(manifest), "replicas")
+    # The memory plan finds every model the recipe names in the shape (none is on this machine).
+    cfg = load_config(ROOT / "configs" / recipe)
+    paths = {cfg.policy.model_path, cfg.critic.model_path, cfg.reward.model_path}
+    assert paths <= set(shipped.models), paths - set(shipped.models)
 
 
 def test_group_gpus_and_cpus_match_the_pod_limits():

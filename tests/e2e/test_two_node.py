@@ -1,9 +1,12 @@
-"""Two Ray nodes on this machine, as a cluster's trainer and rollout node types.
+"""Two Ray nodes on this machine, on two loopback addresses, as a cluster's node types.
 
-The head advertises `trainer_node`, a second raylet `rollout_node`. A 2-step tiny run pins every
-trainer role to trainer_node and the engine to rollout_node; the state API must then show each
-actor on its node. `check-placement` against the live cluster agrees, and names the missing
-resource when the run asks for more engines than the rollout node holds.
+The head (started on 127.0.0.1, where the driver runs, as on a cluster's CPU head) advertises
+`rollout_node`; a second raylet on 127.0.0.2 advertises `trainer_node`. A 2-step tiny run pins
+every trainer role to trainer_node and the engine to rollout_node, and syncs weights over the
+broadcast transport: its group's rendezvous must be on policy rank 0's node (127.0.0.2), which
+hosts the TCPStore, not on the driver's. The state API must show each actor on its node.
+`check-placement` against the live cluster agrees, and names the missing resource when the run
+asks for more engines than the rollout node holds.
 
 The nodes are stopped by killing the processes whose command line names this test's temp dir:
 `ray stop` would also stop any other Ray instance on the machine.
@@ -86,24 +89,28 @@ def _stop_nodes(temp: str) -> None:
             time.sleep(0.3)
 
 
+HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
+
+
 def _start_nodes(temp: str, env: dict) -> tuple[int, int]:
-    """Head (6 CPUs, trainer_node 6) and worker (2 CPUs, rollout_node 2); (GCS, dashboard)."""
+    """Head on 127.0.0.1 (2 CPUs, rollout_node 2) and worker on 127.0.0.2 (6 CPUs,
+    trainer_node 6); (GCS, dashboard)."""
     gcs, dash, client, *ports = _ports(15)
     # Worker ports 0/0: the OS picks them, so two raylets on one machine never hand out the same.
-    common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    common += ["--min-worker-port", "0", "--max-worker-port", "0"]
+    common = ["--disable-usage-stats", "--min-worker-port", "0", "--max-worker-port", "0"]
     head = _ray(
-        "start", "--head", "--port", str(gcs), "--num-cpus", "6",
-        "--resources", '{"trainer_node": 6}', "--temp-dir", temp,
+        "start", "--head", "--port", str(gcs), "--num-cpus", "2",
+        "--resources", '{"rollout_node": 2}', "--temp-dir", temp,
+        "--node-ip-address", HEAD_IP,
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
         "--ray-client-server-port", str(client), *_node_ports(ports[:6]), *common,
         env=env,
     )  # fmt: skip
     assert head.returncode == 0, head.stderr[-3000:]
     worker = _ray(
-        "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "2",
-        "--resources", '{"rollout_node": 2}', "--temp-dir", temp,
-        *_node_ports(ports[6:12]), *common,
+        "start", "--address", f"{HEAD_IP}:{gcs}", "--num-cpus", "6",
+        "--resources", '{"trainer_node": 6}', "--temp-dir", temp,
+        "--node-ip-address", WORKER_IP, *_node_ports(ports[6:12]), *common,
         env=env,
     )  # fmt: skip
     assert worker.returncode == 0, worker.stderr[-3000:]
@@ -130,14 +137,14 @@ def _actors_by_class(gcs: int, env: dict) -> dict[str, set[str]]:
     return nodes
 
 
-def _node_ids(gcs: int, env: dict) -> dict[str, str]:
-    """{'head' | 'worker': node id}."""
+def _node_ids(gcs: int, env: dict) -> dict[str, tuple[str, str]]:
+    """{'head' | 'worker': (node id, node IP)}."""
     out = _ray("list", "nodes", "--address", f"127.0.0.1:{gcs}", "--format", "json", env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     ids = {}
     for node in json.loads(out.stdout):
         if node["state"] == "ALIVE":
-            ids["head" if node["is_head_node"] else "worker"] = node["node_id"]
+            ids["head" if node["is_head_node"] else "worker"] = (node["node_id"], node["node_ip"])
     return ids
 
 
@@ -161,8 +168,8 @@ def test_roles_land_on_their_node_types(tmp_path):
             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
         )  # fmt: skip
         assert placement.returncode == 0, placement.stdout + placement.stderr
-        table = placement.stdout  # the head is the trainer_node type, the worker rollout_node
-        assert "head[0] x2" in table and "rollout_node[0] x1" in table, table
+        table = placement.stdout  # the worker is the trainer_node type, the head rollout_node
+        assert "trainer_node[0] x2" in table and "head[0] x1" in table, table
 
         start = time.monotonic()
         too_many = subprocess.run(
@@ -182,20 +189,24 @@ def test_roles_land_on_their_node_types(tmp_path):
                 "--set", "metrics.plots=false",
                 "--set", "save_final=false",
                 "--set", "placement_timeout_s=60",
+                "--set", "sync.transport=broadcast",
             ],
             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
         )  # fmt: skip
         assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
         assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
-        # Trainers and engine on two nodes: 'auto' cannot share memory between them.
-        assert "weight sync: object_store" in run.stdout, run.stdout[-2000:]
+        assert "weight sync: broadcast" in run.stdout, run.stdout[-2000:]
+        # Policy rank 0 hosts the group's TCPStore: the rendezvous is its node's, not the
+        # driver's (the head's, 127.0.0.1), where no store would listen on a real cluster.
+        assert f"rendezvous {WORKER_IP}:" in run.stdout, run.stdout[-2000:]
 
         ids = _node_ids(gcs, env)
-        assert set(ids) == {"head", "worker"} and ids["head"] != ids["worker"]
+        # Two addresses: the worker's is 127.0.0.2; Ray may report the head under the host's.
+        assert ids["worker"][1] == WORKER_IP and ids["head"][1] != WORKER_IP, ids
         actors = _actors_by_class(gcs, env)
-        assert actors["RolloutEngine"] == {ids["worker"]}, actors
+        assert actors["RolloutEngine"] == {ids["head"][0]}, actors
         for cls in TRAINER_ACTORS:
-            assert actors[cls] == {ids["head"]}, (cls, actors)
+            assert actors[cls] == {ids["worker"][0]}, (cls, actors)
     finally:
         _stop_nodes(temp)
         shutil.rmtree(temp, ignore_errors=True)

@@ -135,3 +135,31 @@ def test_broadcast_sync_three_processes():
         assert digest == expected, f"rank {rank}: digest"
         assert received_fp == expected, f"rank {rank}: fingerprint of received tensors"
         assert raw == _raw(sent), f"rank {rank}: tensors not bit-identical"
+
+
+def test_nccl_group_gets_the_time_out(monkeypatch):
+    # CPU torch has no NCCL: fakes stand in for the store and the process group, recording what
+    # new_group hands them. Without a time-out a dead engine mid-sync hung rank 0 until the
+    # watchdog's default; gloo already had one.
+    import datetime
+
+    import torch.distributed as dist
+
+    made = {}
+
+    class FakeOptions:
+        pass
+
+    class FakeNCCL:
+        Options = FakeOptions
+
+        def __init__(self, store, rank, size, opts):
+            made.update(store=store, rank=rank, size=size, opts=opts)
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
+    monkeypatch.setattr(dist, "TCPStore", lambda *a, **k: ("store", a, k))
+    new_group("nccl", "10.0.0.7", 29500, 1, 3, timeout_s=42.0)
+    store, args, kwargs = made["store"]
+    assert args == ("10.0.0.7", 29500, 3, False)  # rank 1 is a client of rank 0's store
+    assert kwargs["timeout"] == datetime.timedelta(seconds=42)
+    assert made["opts"]._timeout == datetime.timedelta(seconds=42)

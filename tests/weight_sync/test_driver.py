@@ -9,7 +9,6 @@ import torch
 
 from rayrlhf.config import SyncConfig
 from rayrlhf.types import SyncResult
-from rayrlhf.weight_sync import driver
 from rayrlhf.weight_sync.broadcast import GroupAddress
 from rayrlhf.weight_sync.driver import WeightSync
 from rayrlhf.weight_sync.records import ParamMeta
@@ -172,23 +171,48 @@ def test_auto_on_one_node_opens_the_segment_when_it_fits(free, transport):
     assert {id(o) for o in opens} <= cluster.waited_before(unlink)
 
 
-def test_broadcast_group_ranks_follow_engine_order(monkeypatch):
-    results = {"num_workers": 2, "sync_plan": ["plan"], "address_and_port": ("h", 1)}
+def test_broadcast_group_ranks_follow_engine_order_and_meet_on_rank_0s_node():
+    # Policy rank 0 hosts the group's TCPStore, so the rendezvous is the address rank 0 reports
+    # from its own node; the driver's node (a CPU-only head on a cluster) would hang the group.
+    results = {"num_workers": 2, "sync_plan": ["plan"], "sync_group_address": ("10.0.0.7", 1)}
     cluster = Cluster(results=results)
     policy, engines = (
         [FakeActor("policy0", cluster)],
         [FakeActor(f"e{i}", cluster) for i in range(3)],
     )
-    monkeypatch.setattr(driver, "address_and_port", FakeActor("driver", cluster).address_and_port)
-    cfg = SyncConfig(transport="broadcast", backend="gloo")
+    cfg = SyncConfig(transport="broadcast", backend="gloo", group_timeout_s=42.0)
     WeightSync(policy, engines, cfg, cluster.get, {"node-a"})
-    group = GroupAddress("h", 1, 7, "gloo")
+    (where,) = cluster.calls("sync_group_address")
+    assert where.actor == "policy0"
+    group = GroupAddress("10.0.0.7", 1, 7, "gloo", 42.0)
     (trainer,) = [r for r in cluster.calls("init_weight_group") if r.actor == "policy0"]
     assert trainer.args == (group,)
     joins = [r for r in cluster.calls("init_weight_group") if r.actor != "policy0"]
     offsets = [1, 3, 5]  # 1 + the workers of the engines before
     assert [j.args for j in joins] == [(group, off, ["plan"]) for off in offsets]
-    with pytest.raises(ValueError, match="needs GPU engines"):
-        WeightSync(
-            policy, engines, SyncConfig(transport="broadcast", backend="nccl"), cluster.get, set()
-        )
+    nccl = SyncConfig(transport="broadcast", backend="nccl")
+    with pytest.raises(ValueError, match="needs GPUs on both ends"):
+        WeightSync(policy, engines, nccl, cluster.get, set(), policy_gpus=1)
+
+
+@pytest.mark.parametrize(
+    "policy_gpus,engine_gpus,backend", [(1, 1, "nccl"), (0, 1, "gloo"), (1, 0, "gloo")]
+)
+def test_auto_with_gpus_on_both_ends_is_an_nccl_broadcast(policy_gpus, engine_gpus, backend):
+    # Decided by where the ranks and engines run (their bundles' GPUs), not by the driver's
+    # process, which has no GPU on a cluster: auto once meant gloo and host memory there.
+    results = {"num_workers": 1, "sync_plan": [], "sync_group_address": ("h", 1)}
+    results |= {"param_metas": [], "free_shared_memory": 10**12}
+    cluster = Cluster(results=results)
+    policy, engines = [FakeActor("policy0", cluster)], [FakeActor("e0", cluster)]
+    auto = SyncConfig(transport="auto", backend="auto")
+    sync = WeightSync(policy, engines, auto, cluster.get, {"a", "b"}, policy_gpus, engine_gpus)
+    if backend == "gloo":  # without GPUs on both ends: host memory, as before
+        assert sync.transport == "object_store" and not cluster.calls("init_weight_group")
+        return
+    assert sync.transport == "broadcast"
+    (trainer,) = cluster.calls("init_weight_group")[:1]
+    assert trainer.args[0].backend == "nccl"
+    forced = SyncConfig(transport="broadcast", backend="auto")
+    WeightSync(policy, engines, forced, cluster.get, {"a"}, policy_gpus=0, engine_gpus=1)
+    assert cluster.calls("init_weight_group")[-2].args[0].backend == "gloo"

@@ -223,3 +223,19 @@ def test_combine_raises_when_ranks_disagree_on_a_tensor():
     r1 = [r0[0]._replace(name="v")]
     with pytest.raises(WeightSyncError, match="different tensors"):
         Fingerprint.combine([r0, r1])
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_fingerprint_without_hashing_never_reads_the_bytes(parts):
+    # A meta tensor has no bytes: reading them (a host copy, for a GPU tensor) raises. Without
+    # hashing the records still hold names, dtypes, shapes and piece sizes, as the bytes' would.
+    ghost = torch.empty(5, 4, dtype=torch.bfloat16, device="meta")
+    fp = Fingerprint(hash_bytes=False)
+    fp.update("w", ghost, parts)
+    real = Fingerprint(hash_bytes=False)
+    real.update("w", torch.zeros(5, 4, dtype=torch.bfloat16), parts)
+    assert fp.hexdigest() == real.hexdigest()
+    assert fp.num_bytes == 40 and fp.num_tensors == 1
+    other = Fingerprint(hash_bytes=False)
+    other.update("w", torch.zeros(4, 5, dtype=torch.bfloat16), parts)
+    assert other.hexdigest() != fp.hexdigest()  # the shape is still checked
