@@ -23,6 +23,7 @@ EXAMPLES = r"""examples:
   rayrlhf check-placement --config configs/llama3-8b-2x8xa100.yaml \
       --cluster deploy/cluster-shapes/llama3-8b-2x8xa100.yaml
   rayrlhf make-tiny models/tiny
+  rayrlhf make-tiny models/tiny-llama3 --family llama3   # Llama-3's tokenizer: no pad token
   rayrlhf dpo --config configs/dpo-tiny-cpu.yaml --set epochs=1
   rayrlhf best-of-n --config configs/tiny-cpu.yaml --n 8 --prompts 64
   rayrlhf sft --config configs/sft-tiny-cpu.yaml
@@ -70,7 +71,7 @@ COMMANDS: dict[str, Command] = {
         "rayrlhf.recipes.rm:RMConfig", "configs/rm-tiny-cpu.yaml",
     ),
     "dpo": Command(
-        "run DPO on preference pairs", "rayrlhf.recipes.dpo:main",
+        "preference optimisation: DPO, IPO, cDPO, KTO, ORPO, SimPO", "rayrlhf.recipes.dpo:main",
         "rayrlhf.recipes.dpo:DPOConfig", "configs/dpo-tiny-cpu.yaml",
     ),
     "best-of-n": Command(
@@ -109,6 +110,16 @@ COMMANDS: dict[str, Command] = {
                     "choices": ["tiny", "100m", "100m-deep"],  # models.tiny.SIZES; slow import
                     "help": "tiny: 0.5M params, the demo; 100m (12 wide layers) and 100m-deep "
                     "(30 narrow layers, SmolLM-135M's shape): ~100M params, for benchmarks",
+                },
+            ),
+            Option(
+                ("--family",),
+                {
+                    "default": "tiny",
+                    "choices": ["tiny", "llama3", "qwen2", "qwen3", "mistral"],  # FAMILY_NAMES
+                    "help": "tiny: the demo's Llama and tokenizer; llama3, qwen2, qwen3, mistral: "
+                    "that architecture, random weights, a tokenizer with the real one's special "
+                    "tokens, pad (none for llama3 and mistral) and chat template",
                 },
             ),
         ),

@@ -54,6 +54,40 @@ class RankGroupConfig(Section):
     """Global gradient-norm clip."""
     resources: Resources = Resources()
     """Resources of each rank's actor."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant
+    checkpointing): activation memory falls from every layer's to each layer's input plus one
+    layer's, for about a third more compute. The GPU recipes need it at their lengths."""
+    offload_optimizer: bool = False
+    """Keep the fp32 master weights, fp32 gradients and Adam states (16 bytes a parameter, over
+    the ranks) in host memory and step on the CPU (DeepSpeed ZeRO-Offload): frees most of a
+    rank's GPU memory for a slower optimizer step."""
+    offload_params: bool = False
+    """Also keep the bf16 parameter partitions in host memory between uses (ZeRO-Infinity, to
+    CPU): for weights that do not fit even sharded; every forward then reads them over PCIe."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate after the warm-up: 'constant' stays at lr; 'linear' and 'cosine' decay it
+    to lr_min_ratio x lr at optimizer step lr_total_steps (and hold it there)."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up: step k of them (from 1) uses lr x k / lr_warmup_steps;
+    0 starts at lr."""
+    lr_total_steps: int | None = Field(None, ge=1)
+    """Optimizer steps the schedule spans, warm-up included; 'linear' and 'cosine' need it. PPO
+    takes steps x ppo_epochs x num_mini_batches optimizer steps; SFT, RM and DPO one a batch."""
+    lr_min_ratio: float = Field(0.0, ge=0, le=1)
+    """Where 'linear' and 'cosine' end, as a fraction of lr."""
+
+    @model_validator(mode="after")
+    def _lr_schedule(self) -> RankGroupConfig:
+        total, warmup = self.lr_total_steps, self.lr_warmup_steps
+        if self.lr_schedule != "constant" and total is None:
+            raise ValueError(
+                f"lr_schedule={self.lr_schedule} decays over lr_total_steps: set it (PPO: "
+                "steps x algorithm.ppo_epochs x algorithm.num_mini_batches)"
+            )
+        if total is not None and warmup > total:
+            raise ValueError(f"lr_warmup_steps={warmup} is more than lr_total_steps={total}")
+        return self
 
 
 class PolicyConfig(RankGroupConfig):
@@ -137,17 +171,59 @@ class RolloutConfig(Section):
     """Skip CUDA-graph capture (faster start-up; turn off for long GPU runs)."""
     resources: Resources = Resources()
     """Resources of each engine's actor (GPUs = tensor_parallel_size on a GPU cluster)."""
+    stop: list[str] = []
+    """Stop strings (vLLM's `stop`): a response ends after the token that completes one; its
+    tokens stay in the response (the policy learns to write them), its text (what a reward rule
+    reads) ends before the stop string. EOS and the generation config's stop tokens always
+    stop."""
+
+
+OnBadRow = Literal["error", "skip"]
+"""A malformed data row stops the run naming its file and line or row ('error'), or is left out
+and counted in the log ('skip')."""
+ChatTemplateMode = Literal["auto", "on", "off"]
+"""How prompts meet the policy tokenizer's chat template (`rayrlhf.data.chat`)."""
 
 
 class DataConfig(Section):
+    """The prompt set: rows of text or chat messages, from a file, a dataset or the demo task."""
+
     prompts: str = "demo"
-    """JSONL file of prompts, or 'demo' for the built-in kind-words task."""
+    """A JSONL file, a parquet file, a `datasets.save_to_disk` directory, or 'demo' for the
+    built-in kind-words task."""
     prompt_key: str = "prompt"
-    """Key of the prompt text in each JSONL row."""
+    """Column of the prompt: text, or a list of chat messages {role, content}."""
+    messages_key: str = "messages"
+    """Column of a list of chat messages, read when a row has no `prompt_key` column."""
+    chat_template: ChatTemplateMode = "auto"
+    """'auto': every prompt (text as one user message) goes through the policy tokenizer's chat
+    template with add_generation_prompt, if it has one; 'on': the same, and a tokenizer without
+    a template is an error; 'off': raw text (messages' contents joined by newlines)."""
     max_prompt_tokens: int = Field(64, ge=1)
-    """Longer prompts are an error naming the file and line."""
+    """Most tokens in a prompt, chat template included."""
+    overlong: Literal["error", "drop"] = "error"
+    """A prompt over max_prompt_tokens stops the run naming its row ('error'), or is left out
+    and counted ('drop')."""
+    on_bad_row: OnBadRow = "error"
+    """A malformed row stops the run naming its file and line or row ('error'), or is left out
+    and counted ('skip')."""
     num_demo_prompts: int = Field(512, ge=1)
     """Prompts generated when `prompts` is 'demo'."""
+
+
+class EvalConfig(Section):
+    """Evaluation during PPO: greedy (or sampled) responses to held-out prompts, scored by the
+    reward, logged as eval/* with the step's record."""
+
+    every_steps: int = Field(0, ge=0)
+    """Evaluate after every N-th step (N, 2N, ...); 0 turns evaluation off."""
+    prompts: str = "demo"
+    """Held-out prompts, in any format of data.prompts (read with data's settings); 'demo'
+    draws demo prompts with another seed than training's."""
+    num_prompts: int = Field(64, ge=1)
+    """Prompts per evaluation: the first N of eval.prompts (all of them if fewer)."""
+    greedy: bool = True
+    """Greedy responses; false samples them as training does (seeded by the step)."""
 
 
 # Each algorithm choice's names, declared once. The registries in rayrlhf/algorithms/ that
@@ -162,6 +238,8 @@ KLEstimatorName = Literal["k1", "k2", "k3"]
 """Per-token KL estimators, Schulman 2020 (`algorithms.kl.KL_ESTIMATORS`)."""
 AggregationMode = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
 """How per-token losses become one number (`algorithms.losses.AGGREGATIONS`)."""
+PreferenceLossName = Literal["dpo", "ipo", "cdpo", "kto", "orpo", "simpo"]
+"""Offline preference losses of `rayrlhf dpo` (`algorithms.preference.PREFERENCE_LOSSES`)."""
 
 
 class AlgorithmConfig(Section):
@@ -216,6 +294,10 @@ class AlgorithmConfig(Section):
     loss_aggregation: AggregationMode = "token_mean"
     """How per-token losses become one number; normalised over the whole optimizer step across
     micro-batches and ranks, so the result does not depend on how the batch is split."""
+    mask_truncated: bool = False
+    """DAPO's overlong filter (Yu et al. 2025): responses cut at rollout.max_new_tokens (no EOS
+    or stop string) carry no policy or value loss; their rewards still count in the batch and
+    group statistics. The step's share of them is logged as rollout/truncated_frac."""
 
     @model_validator(mode="after")
     def _groups(self) -> AlgorithmConfig:
@@ -263,6 +345,10 @@ class SyncConfig(Section):
     byte of every sync. Hashing runs at about 17 GB/s per core, but a GPU's weights must first be
     copied to the host: for a large model that can cost more than the transfer, so check the
     bytes every few syncs there."""
+    group_timeout_s: float = Field(300.0, gt=0)
+    """broadcast: longest wait, in seconds, for every member to join the sync group and for any
+    one broadcast (gloo and NCCL alike), so that a dead engine mid-sync fails the run instead of
+    hanging policy rank 0."""
 
 
 class MetricsConfig(Section):
@@ -273,7 +359,10 @@ class MetricsConfig(Section):
     port: int = Field(9464, ge=0, le=65535)
     """Port of /metrics; 0 picks a free one (the URL is printed at start)."""
     plots: bool = True
-    """Write PNG plots of reward, KL and tokens/sec into run_dir at the end."""
+    """Write PNG plots of reward, KL, tokens/sec (and eval reward) into run_dir at the end."""
+    tensorboard: bool = True
+    """Also write every metric to TensorBoard event files in run_dir
+    (`tensorboard --logdir runs/`)."""
 
 
 class TrainConfig(RayRunConfig):
@@ -301,7 +390,9 @@ class TrainConfig(RayRunConfig):
     sync: SyncConfig = SyncConfig()
     """Weight sync from the policy trainer to the engines."""
     metrics: MetricsConfig = MetricsConfig()
-    """Prometheus endpoint and run-report plots."""
+    """Prometheus endpoint, TensorBoard event files and run-report plots."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation on held-out prompts during training (off by default)."""
 
     @model_validator(mode="after")
     def _batches_divide(self) -> TrainConfig:

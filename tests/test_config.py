@@ -319,9 +319,32 @@ def test_cli_bad_input_exits_2_before_ray(args, field):
     assert "ray.init" not in out
 
 
-def test_cli_bad_prompt_file_exits_2_naming_file_and_line(tiny_models, tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    data.write_text('{"prompt": "Tell me about the cat."}\n{"prompt": 3}\n')
+def _bad_prompts(tmp_path, fmt):
+    """Prompts whose row 1 (0-based) is malformed, as `fmt`; (path, how errors name the row)."""
+    rows = [{"prompt": "Tell me about the cat."}, {"prompt": ""}]
+    if fmt == "jsonl":
+        path = tmp_path / "prompts.jsonl"
+        path.write_text('{"prompt": "Tell me about the cat."}\n{"prompt": 3}\n')
+        return path, f"{path}:2: "
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    path = tmp_path / ("prompts.parquet" if fmt == "parquet" else "prompts")
+    if fmt == "parquet":
+        ds.to_parquet(str(path))
+    else:
+        ds.save_to_disk(str(path))
+    return path, f"{path} row 1: 'prompt' is empty"
+
+
+@pytest.mark.parametrize(
+    "fmt, field",
+    # every format for the training prompts; the eval set goes through the same reader
+    [("jsonl", "data.prompts"), ("parquet", "data.prompts"), ("saved", "data.prompts"),
+     ("saved", "eval.prompts")],
+)  # fmt: skip
+def test_cli_bad_prompt_row_exits_2_naming_file_and_row(tiny_models, tmp_path, fmt, field):
+    data, named = _bad_prompts(tmp_path, fmt)
     proc = _cli(
         "--set",
         f"policy.model_path={tiny_models['policy']}",
@@ -332,13 +355,48 @@ def test_cli_bad_prompt_file_exits_2_naming_file_and_line(tiny_models, tmp_path)
         "--set",
         "make_tiny_models=null",
         "--set",
-        f"data.prompts={data}",
+        f"{field}={data}",
+        "--set",
+        "eval.every_steps=5",
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
-    assert f"{data}:2:" in proc.stderr
+    assert named in proc.stderr
     assert "Traceback" not in out
     assert "Started a local Ray instance" not in out
+
+
+# ---- data, eval and metrics sections -------------------------------------------------------
+
+
+def test_data_eval_and_metrics_defaults():
+    cfg = load_config(None, [])
+    d = cfg.data
+    assert (d.prompts, d.chat_template, d.overlong, d.on_bad_row) == (
+        "demo",
+        "auto",
+        "error",
+        "error",
+    )
+    assert (cfg.eval.every_steps, cfg.eval.prompts, cfg.eval.greedy) == (0, "demo", True)
+    assert cfg.metrics.tensorboard is True
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("data.chat_template=maybe", "data.chat_template"),
+        ("data.overlong=truncate", "data.overlong"),
+        ("data.on_bad_row=ignore", "data.on_bad_row"),
+        ("eval.every_steps=-1", "eval.every_steps"),
+        ("eval.num_prompts=0", "eval.num_prompts"),
+        ("eval.bogus=1", "eval.bogus"),
+        ("metrics.tensorboard=sometimes", "metrics.tensorboard"),
+    ],
+)
+def test_bad_data_eval_and_metrics_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=rf"{field}: "):
+        load_config(None, [override])
 
 
 def test_config_help_lists_sections_and_docstrings():

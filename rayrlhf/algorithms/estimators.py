@@ -96,16 +96,33 @@ def rloo_advantages(rewards: Tensor, mask: Tensor, n: int) -> Tensor:
     return _broadcast(centered * (n / max(n - 1, 1)), mask)
 
 
+def _reward_to_go(token_rewards: Tensor, gamma: float) -> Tensor:
+    """``G_t = r_t + gamma * G_{t+1}`` along dim 1, ``G_T = 0``. ``[B, T]`` -> ``[B, T]``."""
+    if gamma == 1.0:
+        return token_rewards.flip(1).cumsum(dim=1).flip(1)
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros_like(token_rewards[:, 0])
+    for t in range(token_rewards.shape[1] - 1, -1, -1):
+        running = token_rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns
+
+
 @torch.no_grad()
 def reinforce_pp_advantages(
-    rewards: Tensor, mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0
+    rewards: Tensor,
+    mask: Tensor,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+    gamma: float = 1.0,
 ) -> Tensor:
     """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for
     Aligning Large Language Models"): token-level KL-shaped returns, whitened over the batch.
 
     ``r_t = -kl_coef * KL_t + 1[t = t_last] * R`` on action tokens
     (:func:`~rayrlhf.algorithms.advantages.terminal_rewards_with_kl`; ``kl=None`` means no
-    penalty), ``G_t = sum_{s >= t} r_s`` (reward-to-go, ``gamma = 1``), then
+    penalty), ``G_t = sum_{s >= t} gamma^(s-t) r_s`` (discounted reward-to-go; the paper's
+    ``gamma = 1`` is the default), then
     ``A = (G - mean) / sqrt(Var + 1e-8)`` with the GLOBAL mean / population variance over all
     action tokens of the batch (:func:`~rayrlhf.algorithms.masked.masked_whiten`). There are
     no groups; a batch whose returns are all equal (e.g. one row, no KL) gets exactly 0.
@@ -115,7 +132,7 @@ def reinforce_pp_advantages(
     r = _grouped(rewards, mask, 1).view(-1)
     kl = torch.zeros(mask.shape, dtype=r.dtype, device=r.device) if kl is None else kl
     token_rewards = terminal_rewards_with_kl(r, kl, mask, kl_coef)
-    returns = token_rewards.flip(1).cumsum(dim=1).flip(1)
+    returns = _reward_to_go(token_rewards, gamma)
     valid_returns = returns[mask.bool()]
     if valid_returns.numel() == 0 or bool(valid_returns.max() == valid_returns.min()):
         # Whitening would amplify the mean's rounding error by 1/sqrt(eps) = 1e4.
@@ -140,8 +157,9 @@ def _gae_step(rewards, kl, beta, values, mask, algo: AlgorithmConfig) -> tuple[T
 
 
 def _reinforce_pp_step(rewards, kl, beta, values, mask, algo) -> tuple[Tensor, Tensor]:
-    """REINFORCE++ with the KL penalty on the token rewards; no critic."""
-    return reinforce_pp_advantages(rewards, mask, kl=kl, kl_coef=beta), torch.zeros_like(mask)
+    """REINFORCE++ with the KL penalty on the token rewards, discounted by ``algo.gamma``."""
+    advantages = reinforce_pp_advantages(rewards, mask, kl=kl, kl_coef=beta, gamma=algo.gamma)
+    return advantages, torch.zeros_like(mask)
 
 
 def _group_step(fn: Callable[[Tensor, Tensor, int], Tensor]) -> AdvantageEstimator:

@@ -56,9 +56,12 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     Equivalently ``r - 1 - log r`` with ``r = p_ref/p``; ``>= 0`` since ``log r <= r - 1``.
     ``d`` is clamped to ``[-20, 20]`` (both terms, so the result is still ``>= 0``); gradients
     vanish outside that range. Shapes: ``[B, T]`` -> ``[B, T]``.
+
+    Computed as ``expm1(-d) + d``: near ``d = 0``, ``exp(-d) - 1`` cancels catastrophically and
+    the float32 result dips below zero (by ~6e-8 for ``|d| ~ 1e-4``); ``expm1`` keeps it >= 0.
     """
     log_ratio = (logprobs - ref_logprobs).clamp(-_K3_LOG_RATIO_CLAMP, _K3_LOG_RATIO_CLAMP)
-    return torch.exp(-log_ratio) - 1 + log_ratio
+    return torch.expm1(-log_ratio) + log_ratio
 
 
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = check_names(
@@ -160,10 +163,18 @@ class AdaptiveKLController:
         return min(max(beta, self.min_coef), self.max_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        """Apply one controller step for ``n_steps`` environment steps (samples)."""
+        """Apply one controller step for ``n_steps`` environment steps (samples).
+
+        A batch of more than one horizon counts as ``k = ceil(n_steps / H)`` updates of
+        ``n_steps / k`` samples each: Ziegler's factor ``1 + e * n_steps / H`` alone reaches 0
+        at ``n_steps = 5 H`` with KL below target, and a coefficient at 0 never moves again
+        (the update is multiplicative). Each sub-update moves beta by at most 20%, so it stays
+        positive; for ``n_steps <= H`` this is Ziegler's update exactly.
+        """
         error = current_kl / self.target - 1.0
-        step = min(max(error, -0.2), 0.2) * n_steps / self.horizon
-        self.integral = self._clamp(self.integral * (1.0 + step))
+        k = max(1, math.ceil(n_steps / self.horizon))
+        step = min(max(error, -0.2), 0.2) * n_steps / (self.horizon * k)
+        self.integral = self._clamp(self.integral * (1.0 + step) ** k)
         # The damping term must see how far off KL is: clipped at +-0.2 like the integral's
         # error, it saturates just as the oscillation grows.
         self.value = self._clamp(self.integral * math.exp(self.gain * min(max(error, -1.0), 1.0)))

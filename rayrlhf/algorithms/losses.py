@@ -204,6 +204,12 @@ def value_loss(
     both 0-dim; ``clipfrac`` (detached) is the fraction of valid tokens where the clipped
     error is strictly larger, 0 without clipping.
     """
+    # Padding may hold inf/NaN (values, old values or returns): masked_mean drops the value
+    # there, but 0 * NaN gradients would still poison ``values.grad``; cut it out of the graph.
+    valid = mask.bool()
+    values = torch.where(valid, values, torch.zeros_like(values))
+    old_values = torch.where(valid, old_values, torch.zeros_like(old_values))
+    returns = torch.where(valid, returns, torch.zeros_like(returns))
     sq_err = (values - returns) ** 2
     if clip_eps is None:
         return 0.5 * masked_mean(sq_err, mask), sq_err.new_zeros(())
@@ -255,6 +261,32 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """
     logp = torch.log_softmax(_upcast(logits), dim=-1)
     return logp.gather(dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
+
+
+ENGINE_LOGPROB_GAP_LIMITS: dict[str, float] = {
+    "float32": 1e-3,
+    "bfloat16": 0.1,
+    "float16": 0.02,
+}
+"""Largest mean |engine logprob - trainer logprob| over sampled tokens that a correct weight sync
+shows, by compute dtype (the dtype both ends run in).
+
+Calibration: fp32 on both ends measures ~1e-6 (the demo recipe). In half precision two correct
+implementations disagree by their rounding: bf16 against fp32 forwards of the same weights
+differ by a mean of 0.018 (4 layers, hidden 256), 0.025 (6, 384) and 0.035 (8, 512) nats a token
+on CPU (`tests/algorithms/test_losses.py` measures the 6-layer case), so two bf16 ends differ by
+about sqrt(2) times that; the limit leaves room for depth. fp16 has 3 more mantissa bits (1/8
+the rounding). The max over a batch is no check in half precision: for the 6-layer model it is
+already 0.107 for a correct forward (0.15 at 8 layers), and it grows with depth and batch size.
+These figures come from random-weight models on CPU, not from an 8B run. A corrupted or
+missing tensor moves the mean by nats; an engine one PPO step stale can stay under the bf16
+limit, which is why the fingerprint, not this, is the sync's proof."""
+
+
+def engine_logprob_gap_limit(dtype: str) -> float:
+    """`ENGINE_LOGPROB_GAP_LIMITS[dtype]` ('float32', 'bfloat16' or 'float16'); ValueError for
+    another dtype, listing these."""
+    return lookup(ENGINE_LOGPROB_GAP_LIMITS, dtype, "compute dtype")
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

@@ -1,15 +1,18 @@
-"""SFT demonstrations: JSONL of {prompt, response} or chat {messages: [...]}, validated, tokenized.
+"""SFT demonstrations: rows of {prompt, response} or chat {messages: [...]}, validated, tokenized,
+from JSONL, parquet or a `save_to_disk` directory (`rayrlhf.data.sources`).
 
-Rendering. With a chat template, the messages before the last one are rendered with
-`apply_chat_template(..., add_generation_prompt=True)` as the prompt, and the last (assistant)
-message is the response. A {prompt, response} row is the chat [user: prompt, assistant:
-response]. Without a chat template (the tiny tokenizer has none) the prompt is the plain text
-(chat: the earlier messages' contents joined by newlines) and the response is " " + response,
-so the tokens are those of `prompt + " " + response`, the way the policy continues a prompt.
-The response ends with EOS so the policy learns to stop; the loss covers response tokens only.
+Rendering. The prompt follows `rayrlhf.data.chat`'s rule: with the chat template on, the
+messages before the last one are rendered with `apply_chat_template(...,
+add_generation_prompt=True)`, and the last (assistant) message is the response; a {prompt,
+response} row is the chat [user: prompt, assistant: response]. With it off the prompt is the
+plain text (chat: the earlier messages' contents joined by newlines) and the response is " " +
+response, so the tokens are those of `prompt + " " + response`, the way the policy continues a
+prompt. The response ends with EOS so the policy learns to stop; the loss covers response tokens
+only.
 
-Bad rows name `file:line`: missing key, wrong type, empty prompt/response, invalid UTF-8, a
-truncated last line, an empty file, prompt + response longer than `max_len`.
+Bad rows name `file:line` (JSONL) or `file row i` (parquet, arrow): missing key, wrong type,
+empty prompt/response, invalid UTF-8, a truncated last line, an empty file, prompt + response
+longer than `max_len`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rayrlhf.data.jsonl import DataError, OnBadRow, read_jsonl, require_text
+from rayrlhf.config import ChatTemplateMode
+from rayrlhf.data.chat import check_messages, render_prompt, use_template
+from rayrlhf.data.jsonl import DataError, OnBadRow, require_text
+from rayrlhf.data.sources import read_rows
 from rayrlhf.types import pad_rows
 
 
@@ -70,49 +76,42 @@ class SFTSet:
         return out
 
 
-def check_messages(row: dict, where: str) -> list[dict[str, str]]:
-    """A non-empty list of {role, content} strings whose last message is the assistant's."""
-    messages = row["messages"]
-    if not isinstance(messages, list) or len(messages) < 2:
+def check_chat(row: dict, where: str) -> list[dict[str, str]]:
+    """At least two {role, content} messages, the last one the assistant's."""
+    messages = check_messages(row["messages"], where)
+    if len(messages) < 2:
         raise DataError(f"{where}: 'messages' must be a list of at least 2 messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: messages[{i}] must be an object with role and content")
-        for key in ("role", "content"):
-            require_text(m, key, f"{where}: messages[{i}]")
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must have role 'assistant'")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
 
 
-def render(row: dict, where: str, tokenizer) -> tuple[str, list[int], list[int]]:
+def render(row: dict, where: str, tokenizer, templated: bool) -> tuple[str, list[int], list[int]]:
     """(prompt text, prompt ids, response ids without EOS) of a validated row."""
-    if "messages" in row:
-        messages = check_messages(row, where)
+    if row.get("messages") is not None:
+        messages = check_chat(row, where)
+        prompt, response = messages[:-1], messages[-1]["content"]
     else:
         prompt, response = require_text(row, "prompt", where), require_text(row, "response", where)
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            messages[:-1], add_generation_prompt=True, tokenize=False
-        )
-        p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-        return text, p_ids, r_ids
-    text = "\n".join(m["content"] for m in messages[:-1])
-    p_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    r_ids = tokenizer(" " + messages[-1]["content"], add_special_tokens=False)["input_ids"]
-    return text, p_ids, r_ids
+    text, p_ids = render_prompt(tokenizer, prompt, templated, where)
+    # Untemplated, the response continues the prompt text after a space.
+    r_text = response if templated else " " + response
+    return text, p_ids, tokenizer(r_text, add_special_tokens=False)["input_ids"]
 
 
 def load_demonstrations(
-    path: str | Path, tokenizer, max_len: int, on_bad_row: OnBadRow = "error"
+    path: str | Path,
+    tokenizer,
+    max_len: int,
+    on_bad_row: OnBadRow = "error",
+    chat_template: ChatTemplateMode = "auto",
 ) -> SFTSet:
     """Read, validate and tokenize a demonstration file (see the module docstring)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    templated = use_template(tokenizer, chat_template)
 
     def tokenize(row: dict, where: str) -> tuple:
-        text, p_ids, r_ids = render(row, where, tokenizer)
+        text, p_ids, r_ids = render(row, where, tokenizer, templated)
         r_ids = r_ids + eos
         if len(p_ids) + len(r_ids) > max_len:
             raise DataError(
@@ -121,7 +120,7 @@ def load_demonstrations(
             )
         return text, tuple(p_ids), tuple(r_ids)
 
-    rows, skipped = read_jsonl(path, tokenize, on_bad_row, "demonstrations")
+    rows, skipped = read_rows(path, tokenize, on_bad_row, "demonstrations")
     texts, p_ids, r_ids = (tuple(col) for col in zip(*(r for _, r in rows)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     return SFTSet(texts, p_ids, r_ids, pad, len(skipped))

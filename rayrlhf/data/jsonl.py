@@ -1,4 +1,5 @@
-"""A JSONL reader that names `file:line` for every bad row, and can skip bad rows instead.
+"""The JSONL reader, which names `file:line` for every bad row and can skip bad rows instead,
+and the row collector every reader shares (`rayrlhf.data.sources` adds parquet and arrow).
 
 With `on_bad_row="error"` the first bad row raises `DataError`; with `"skip"` bad rows are left
 out and their messages returned, so the driver can print how many were dropped and why. An empty
@@ -11,12 +12,15 @@ UTF-8 sequence, so invalid UTF-8 is reported on its own line and the other rows 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
+
+from rayrlhf.config import OnBadRow
 
 T = TypeVar("T")
-OnBadRow = Literal["error", "skip"]
+__all__ = ["DataError", "OnBadRow", "collect_rows", "read_jsonl", "require_text"]
 
 
 class DataError(ValueError):
@@ -39,6 +43,33 @@ def parse_line(raw: bytes, where: str, last_unterminated: bool) -> dict:
     return row
 
 
+def collect_rows(
+    source: object,
+    items: Iterable[tuple[int, str, Callable[[], dict]]],
+    check: Callable[[dict, str], T],
+    on_bad_row: OnBadRow,
+    what: str,
+) -> tuple[list[tuple[int, T]], list[str]]:
+    """(n, check(parse(), where)) for each (n, where, parse) of `items`, and skip messages.
+
+    `parse` and `check` raise `DataError` for a bad row; "error" re-raises it, "skip" records
+    it. No good row at all is an error naming `source`. Every reader (JSONL, parquet, arrow)
+    goes through here, so on_bad_row means the same for all of them.
+    """
+    rows, skipped = [], []
+    for n, where, parse in items:
+        try:
+            rows.append((n, check(parse(), where)))
+        except DataError as err:
+            if on_bad_row == "error":
+                raise
+            skipped.append(str(err))
+    if not rows:
+        detail = f" ({len(skipped)} bad, first: {skipped[0]})" if skipped else ""
+        raise DataError(f"{source}: no {what} in the file{detail}")
+    return rows, skipped
+
+
 def read_jsonl(
     path: str | Path,
     check: Callable[[dict, str], T],
@@ -49,26 +80,18 @@ def read_jsonl(
 
     `check` raises `DataError` for a bad row; "error" re-raises it, "skip" records it.
     """
-    path = Path(path)
+    return collect_rows(path, _lines(Path(path)), check, on_bad_row, what)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str, Callable[[], dict]]]:
+    """(line number, "file:line", parse) of every non-blank line."""
     raw = path.read_bytes()
     lines = raw.split(b"\n")
     unterminated = not raw.endswith(b"\n")
-    rows, skipped = [], []
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = parse_line(line, where, unterminated and n == len(lines))
-            rows.append((n, check(row, where)))
-        except DataError as err:
-            if on_bad_row == "error":
-                raise
-            skipped.append(str(err))
-    if not rows:
-        detail = f" ({len(skipped)} bad, first: {skipped[0]})" if skipped else ""
-        raise DataError(f"{path}: no {what} in the file{detail}")
-    return rows, skipped
+        if line.strip():
+            where = f"{path}:{n}"
+            yield n, where, partial(parse_line, line, where, unterminated and n == len(lines))
 
 
 def require_text(row: dict, key: str, where: str) -> str:

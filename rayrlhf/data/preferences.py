@@ -1,6 +1,8 @@
-"""Preference pairs for DPO: a JSONL file of {prompt, chosen, rejected}, validated and tokenized.
+"""Preference pairs for DPO: rows of {prompt, chosen, rejected}, validated and tokenized, from
+JSONL, parquet or a `save_to_disk` directory (`rayrlhf.data.sources`).
 
-Every malformed row is a `DataError` naming `file:line`, raised before any actor starts. A pair
+Every malformed row is a `DataError` naming `file:line` (or `file row i`), raised before any
+actor starts. The prompt is rendered as PPO's are (`rayrlhf.data.chat`, 'auto'). A pair
 becomes two rows of the project's batch layout (`rayrlhf.types`): the prompt left-padded to P
 columns, then the response right-padded to R columns. Chosen and rejected share P and R, so a
 micro-batch runs both sides in one forward pass.
@@ -15,7 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rayrlhf.data.jsonl import DataError, OnBadRow, read_jsonl, require_text
+from rayrlhf.data.chat import render_prompt, use_template
+from rayrlhf.data.jsonl import DataError, OnBadRow, require_text
+from rayrlhf.data.sources import read_rows
+from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.types import pad_rows
 
 KEYS = ("prompt", "chosen", "rejected")
@@ -60,9 +65,18 @@ class PreferenceSet:
     """Response tokens, EOS included (the policy learns to stop)."""
     rejected_ids: tuple[tuple[int, ...], ...]
     pad_id: int
+    skipped: int = 0
+    """Bad rows left out of the file (on_bad_row="skip")."""
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def response_tokens(self) -> tuple[Tensor, Tensor]:
+        """([N], [N]) float32: the token counts of every chosen and rejected response."""
+        return tuple(
+            torch.tensor([len(ids) for ids in side], dtype=torch.float32)
+            for side in (self.chosen_ids, self.rejected_ids)
+        )
 
     def batch(self, indices: list[int]) -> PreferenceBatch:
         """The pairs at `indices`, in that order."""
@@ -98,30 +112,38 @@ def check_preference_row(row: dict, where: str) -> tuple[str, str, str]:
     return prompt, chosen, rejected
 
 
+def tokenize_prompt(tokenizer, text: str) -> tuple[int, ...]:
+    """The ids of a prompt, by `rayrlhf.data.chat`'s rule ('auto'): through the chat template
+    if the tokenizer has one, as PPO's prompts are, else raw with its special tokens (BOS)."""
+    templated = use_template(tokenizer, "auto")
+    return tuple(render_prompt(tokenizer, text, templated, "prompt")[1])
+
+
+def tokenize_response(
+    tokenizer, prompt: tuple[int, ...], key: str, text: str, max_len: int, where: str
+) -> tuple[int, ...]:
+    """The ids of response `text` (row key `key`), ending with EOS; with the `prompt` ids they
+    must fit `max_len`."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
+    if len(prompt) + len(ids) > max_len:
+        raise DataError(
+            f"{where}: prompt + {key} is {len(prompt) + len(ids)} tokens, more than "
+            f"data.max_len={max_len}"
+        )
+    return ids
+
+
 def tokenize_pair(tokenizer, row: tuple[str, str, str], max_len: int, where: str) -> tuple:
     """(prompt ids, chosen ids, rejected ids) of a checked row; each response ends with EOS and
     prompt + response must fit `max_len`."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     prompt, chosen, rejected = row
-    p = tuple(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    sides = []
-    for key, text in (("chosen", chosen), ("rejected", rejected)):
-        ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
-        if len(p) + len(ids) > max_len:
-            raise DataError(
-                f"{where}: prompt + {key} is {len(p) + len(ids)} tokens, more than "
-                f"data.max_len={max_len}"
-            )
-        sides.append(ids)
+    p = tokenize_prompt(tokenizer, prompt)
+    sides = [
+        tokenize_response(tokenizer, p, key, text, max_len, where)
+        for key, text in (("chosen", chosen), ("rejected", rejected))
+    ]
     return p, sides[0], sides[1]
-
-
-def pad_id(tokenizer) -> int:
-    """The tokenizer's pad id, else its EOS id, else 0."""
-    for tok in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok is not None:
-            return tok
-    return 0
 
 
 def load_preferences(
@@ -133,6 +155,6 @@ def load_preferences(
         text = check_preference_row(row, where)
         return (text[0], *tokenize_pair(tokenizer, text, max_len, where))
 
-    rows, _ = read_jsonl(path, check, on_bad_row, "preference pairs")
+    rows, skipped = read_rows(path, check, on_bad_row, "preference pairs")
     cols = list(zip(*(r for _, r in rows)))
-    return PreferenceSet(*(tuple(c) for c in cols), pad_id(tokenizer))
+    return PreferenceSet(*(tuple(c) for c in cols), pad_id(tokenizer), len(skipped))

@@ -1,4 +1,5 @@
-"""Reward-model training pairs: JSONL {prompt, chosen, rejected[, margin]}, validated, tokenized.
+"""Reward-model training pairs: rows {prompt, chosen, rejected[, margin]} from JSONL, parquet or a
+`save_to_disk` directory, validated, tokenized.
 
 The row checks are the DPO loader's (`rayrlhf.data.preferences`), so both commands report a bad
 row the same way; on top of them come an optional numeric `margin` (Llama 2's margin term of the
@@ -14,14 +15,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rayrlhf.data.jsonl import DataError, OnBadRow, read_jsonl
+from rayrlhf.data.jsonl import DataError, OnBadRow
 from rayrlhf.data.preferences import (
     PreferenceBatch,
     PreferenceSet,
     check_preference_row,
-    pad_id,
     tokenize_pair,
 )
+from rayrlhf.data.sources import read_rows
+from rayrlhf.models.tokenizer import pad_id
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class RewardPairSet:
 def check_reward_row(row: dict, where: str) -> tuple[str, str, str, float]:
     """(prompt, chosen, rejected, margin); the margin must be a finite number if present."""
     prompt, chosen, rejected = check_preference_row(row, where)
-    margin = row.get("margin", 0.0)
+    margin = row.get("margin")
+    if margin is None:  # absent, or null where a parquet/arrow column has no value for the row
+        margin = 0.0
     if isinstance(margin, bool) or not isinstance(margin, int | float):
         raise DataError(f"{where}: 'margin' must be a number, got {type(margin).__name__}")
     if not math.isfinite(margin):
@@ -96,7 +100,7 @@ def load_reward_pairs(
         ids = tokenize_pair(tokenizer, (prompt, chosen, rejected), max_len, where)
         return prompt, *ids, margin
 
-    rows, skipped = read_jsonl(path, tokenize, on_bad_row, "preference pairs")
+    rows, skipped = read_rows(path, tokenize, on_bad_row, "preference pairs")
     cols = list(zip(*(r for _, r in rows)))
     pairs = PreferenceSet(*(tuple(c) for c in cols[:4]), pad_id(tokenizer))
     return RewardPairSet(pairs, tuple(cols[4]), len(skipped))

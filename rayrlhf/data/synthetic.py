@@ -66,3 +66,21 @@ def write_jsonl(rows: list[dict[str, str]], path: str | Path) -> Path:
 def gold_score(prompts: list[str], responses: list[str]) -> list[float]:
     """The demo task's gold rule: the share of a response's words that are kind words."""
     return positive_word_fraction(prompts, responses)
+
+
+def kto_rows(pairs: list[dict[str, str]]) -> list[dict]:
+    """KTO rows {prompt, completion, label} from pairs: the chosen (kind-words) response as a
+    desirable row, the rejected (unkind) one as an undesirable row, as TRL's
+    `unpair_preference_dataset` does."""
+    return [
+        {"prompt": row["prompt"], "completion": row[side], "label": side == "chosen"}
+        for row in pairs
+        for side in ("chosen", "rejected")
+    ]
+
+
+def kto_train_and_held_out(n: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """`train_and_held_out`'s pairs as KTO rows: 2n training rows and up to 2 n_eval held-out
+    ones, the same texts the pair losses see."""
+    train, held_out = train_and_held_out(n, n_eval, seed)
+    return kto_rows(train), kto_rows(held_out)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    PretrainedConfig,
 )
 
 from rayrlhf.algorithms.losses import entropy_from_logits, logprobs_from_logits
@@ -21,18 +23,69 @@ LOADERS = {
     "value": AutoModelForTokenClassification,
     "reward": AutoModelForSequenceClassification,
 }
+CLASSIFIER_SUFFIXES = ("ForTokenClassification", "ForSequenceClassification")
+"""Architectures whose checkpoint carries a head that a critic or reward model can keep."""
 
 
 def load_model(kind: str, path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """`from_pretrained` for a policy ('causal_lm'), critic ('value') or reward model ('reward')."""
+    """`from_pretrained` for a policy ('causal_lm'), critic ('value') or reward model ('reward'),
+    built from `role_config` and with every dropout module off."""
+    config = role_config(kind, path)  # first: it names the valid kinds
+    model = LOADERS[kind].from_pretrained(path, config=config, dtype=dtype)
+    disable_dropout(model)
+    return model
+
+
+def role_config(kind: str, path: str) -> PretrainedConfig:
+    """The config a role's model is built from: `path`'s, with dropout off.
+
+    A critic or reward model starts from a one-label classifier (its head is kept) or from any
+    other checkpoint of the architecture, a causal LM say: its backbone then gets a fresh
+    one-label head, and the log says so. Pass it as `from_pretrained(path, config=...)`.
+    """
     if kind not in LOADERS:
         raise ValueError(f"unknown model kind {kind!r}; valid: {sorted(LOADERS)}")
-    model = LOADERS[kind].from_pretrained(path, dtype=dtype)
-    if kind != "causal_lm" and model.config.num_labels != 1:
-        raise ValueError(
-            f"{path}: a {kind} model needs num_labels=1, has {model.config.num_labels}"
-        )
-    return model
+    config = AutoConfig.from_pretrained(path)
+    disable_dropout_in_config(config)
+    if kind != "causal_lm":
+        _scalar_head(config, kind, path)
+        config.classifier_dropout = 0.0  # else the token-classification head falls back to 0.1
+    return config
+
+
+def _scalar_head(config: PretrainedConfig, kind: str, path: str) -> None:
+    """Ask for one label: a classifier checkpoint must already have one, any other checkpoint
+    gets a fresh head (a causal LM's config says 2 labels by default, meaning nothing)."""
+    archs = config.architectures or []
+    if any(a.endswith(CLASSIFIER_SUFFIXES) for a in archs):
+        if config.num_labels != 1:
+            raise ValueError(f"{path}: a {kind} model needs num_labels=1, has {config.num_labels}")
+        return
+    config.num_labels = 1
+    print(
+        f"{kind} model: {path} is a {'/'.join(archs) or 'headless'} checkpoint; its backbone "
+        "gets a fresh one-label head",
+        flush=True,
+    )
+
+
+def disable_dropout_in_config(config: PretrainedConfig) -> None:
+    """Every dropout probability of `config` set to 0, before the model is built from it.
+
+    Old logprobs and values are computed in eval mode and the update in train mode, so any
+    dropout makes them different functions (TRL's `disable_dropout` does the same). The config
+    matters beyond `nn.Dropout` modules: attention dropout is a functional argument read from it.
+    """
+    for name, value in config.to_dict().items():
+        if ("dropout" in name or name.endswith("pdrop")) and type(value) in (int, float):
+            setattr(config, name, 0.0)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """p = 0 in every dropout module, for what the config does not reach."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from rayrlhf.cluster.placement import start_ray, threads_for
 from rayrlhf.config import ConfigError, TrainConfig, load_config
 from rayrlhf.data.prompts import PromptSet
 from rayrlhf.data.synthetic import gold_score
+from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.runtime.preflight import preflight
 from rayrlhf.types import Sample
 from rayrlhf.workers.reward import RewardWorker
@@ -115,7 +116,7 @@ def run_best_of_n(cfg: TrainConfig, n: int, num_prompts: int) -> dict:
         _start(cfg, actors)
         pick = functools.partial(
             best_of_n_generate, actors, ids, texts, seed=cfg.seed * 1_000_003,
-            pad_id=tokenizer.pad_token_id,
+            pad_id=pad_id(tokenizer),
         )  # fmt: skip
         best, one = pick(n=n), pick(n=1)
     report = {

@@ -14,8 +14,10 @@ vLLM, so the importance ratio compares like with like; the engine's own logprobs
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer
 
 from rayrlhf.algorithms.experience import assemble_rollout, loss_norms, make_experience
@@ -25,7 +27,9 @@ from rayrlhf.cluster.capacity import cpus_needed
 from rayrlhf.cluster.placement import start_ray
 from rayrlhf.config import TrainConfig, load_config
 from rayrlhf.data.prompts import PromptSet
+from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.recipes.ppo_roles import Roles
+from rayrlhf.runtime.evaluation import Evaluator
 from rayrlhf.runtime.metrics import (
     PhaseTimer,
     PrometheusMetrics,
@@ -35,6 +39,8 @@ from rayrlhf.runtime.metrics import (
 )
 from rayrlhf.runtime.preflight import preflight
 from rayrlhf.runtime.run_dir import write_run_config
+from rayrlhf.types import Experience
+from rayrlhf.workers.rollout import EngineSample
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -54,6 +60,8 @@ def train(cfg: TrainConfig) -> Path:
             with t("advantage"):
                 beta = run.kl_ctl.value
                 exp, rollout_stats = make_experience(rollout, scores, algo, beta, run.moments)
+                if algo.mask_truncated:
+                    exp = overlong_filter(exp, samples)
                 norms = loss_norms(
                     exp, cfg.policy.num_ranks, algo.num_mini_batches, cfg.rollout.max_new_tokens
                 )
@@ -62,9 +70,19 @@ def train(cfg: TrainConfig) -> Path:
             with t("sync"):
                 sync = roles.sync_weights()
             run.kl_ctl.update(rollout_stats.kl, n_steps=len(rollout))
-            run.record(step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta)
+            evals = run.evaluate(roles, step)  # {} unless eval.every_steps makes it due
+            run.record(
+                step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta, evals
+            )
         run.finish()
     return run.dir
+
+
+def overlong_filter(exp: Experience, samples: list[EngineSample]) -> Experience:
+    """DAPO's overlong filter: truncated responses' tokens leave the action mask, so they carry
+    no loss and count in no normaliser (`loss_norms` reads the mask)."""
+    keep = torch.tensor([not s.truncated for s in samples], dtype=exp.action_mask.dtype)
+    return replace(exp, action_mask=exp.action_mask * keep[:, None])
 
 
 class Run:
@@ -77,12 +95,14 @@ class Run:
     def __init__(self, cfg: TrainConfig) -> None:
         preflight(cfg)
         tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model_path)
-        self.pad_id = tokenizer.pad_token_id
+        self.pad_id = pad_id(tokenizer)  # Llama-3 and Mistral tokenizers have no pad token
         self.prompts = PromptSet.load(cfg.data, tokenizer, cfg.seed)
+        self.evaluate = Evaluator(cfg, tokenizer, self.pad_id)
         self.cfg = cfg
         self.dir = write_run_config(cfg, cfg.run_dir)
         self.prometheus: PrometheusMetrics | None = None
         self.roles: Roles | None = None
+        self.log: StepLog | None = None
         self.kl_ctl = kl_controller(cfg.algorithm)
         self.moments = RunningMoments() if cfg.algorithm.reward_normalize else None
 
@@ -111,9 +131,11 @@ class Run:
         )
         self.roles = Roles(cfg)
         print(f"weight sync: {self.roles.transport}", flush=True)
-        self.log = StepLog(self.dir, cfg.steps)
+        self.log = StepLog(self.dir, cfg.steps, tensorboard=cfg.metrics.tensorboard)
 
-    def record(self, step, rollout_stats, policy_stats, critic_stats, sync, timer, samples, beta):
+    def record(
+        self, step, rollout_stats, policy_stats, critic_stats, sync, timer, samples, beta, evals
+    ):
         rec = step_record(
             step,
             rollout_stats,
@@ -124,6 +146,8 @@ class Run:
             self.cfg.algorithm.ppo_epochs,
         )
         rec["rollout/kl_coef"] = beta
+        rec.update(evals)
+        rec["rollout/truncated_frac"] = sum(s.truncated for s in samples) / len(samples)
         self.log.write(rec)
         if self.prometheus is not None:
             per_engine = Counter()
@@ -146,6 +170,8 @@ class Run:
             self.roles.shutdown()
         if self.prometheus is not None:
             self.prometheus.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def main(config: str | None, overrides: list[str]) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ray
 import torch
-from ray.util.placement_group import placement_group_table
 
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
@@ -93,14 +92,14 @@ class Roles:
             "reward", RewardWorker, rw.resources, rw.model_path, rw.rule, rw.micro_batch_size,
             threads_for(rw.resources),
         )  # fmt: skip
-        self.engines = actors.start(
-            "rollout", RolloutEngine, ro.resources, ro.num_engines,
-            lambda i: (cfg.policy.model_path, ro, seed, i),
-        )  # fmt: skip
+        self.engines = actors.start_engines(
+            "rollout", RolloutEngine, ro, lambda i: (cfg.policy.model_path, ro, seed, i)
+        )
         actors.wait_ready()
-        nodes = self._nodes("policy", "rollout")
-        gpus = ro.resources.num_gpus
-        self.sync = WeightSync(self.policy, self.engines, cfg.sync, self.get, nodes, gpus)
+        self.sync = WeightSync(
+            self.policy, self.engines, cfg.sync, self.get, actors.nodes("policy", "rollout"),
+            policy_gpus=cfg.policy.resources.num_gpus, engine_gpus=ro.resources.num_gpus,
+        )  # fmt: skip
 
     def all_actors(self) -> list:
         return self.actors.all()
@@ -108,11 +107,6 @@ class Roles:
     def get(self, refs, phase: str):
         """`ray.get` bounded by the phase timeout, with an error that names the phase."""
         return self.actors.get(refs, phase)
-
-    def _nodes(self, *roles: str) -> set[str]:
-        """The Ray nodes that `roles`' reserved bundles are on."""
-        tables = [placement_group_table(self.actors.groups[r]) for r in roles]
-        return {node for t in tables for node in t["bundles_to_node_id"].values()}
 
     @property
     def transport(self) -> str:
@@ -151,6 +145,10 @@ class Roles:
             old_logprobs=torch.cat(values[2 : 2 + n]),
             values=torch.cat(values[2 + n :]) if crt else torch.zeros_like(rollout.action_mask),
         )
+
+    def rewards(self, rollout: Rollout) -> torch.Tensor:
+        """[B] rewards of `rollout` from the reward actor alone (evaluation)."""
+        return self.get(self.reward.score.remote(rollout), "eval").value
 
     def train(
         self, exp: Experience, kl_coef: float, norms: list[LossNorm], timer=None

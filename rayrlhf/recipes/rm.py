@@ -73,12 +73,16 @@ def is_scalar_classifier(path: str | Path) -> bool:
 
 def init_reward_model(model_path: str | Path, out: Path, seed: int) -> Path:
     """`model_path` itself if it is a scalar classifier; else its backbone with a new one-label
-    head (seeded), saved with the tokenizer into `out`."""
+    head (seeded), saved with the tokenizer into `out`.
+
+    Built in the checkpoint's own dtype: this runs on the driver (a CPU-only head on a
+    cluster), where fp32 doubled a bf16 checkpoint (32 GB for an 8B model). The trainer ranks
+    load it in their own dtype anyway."""
     if is_scalar_classifier(model_path):
         return Path(model_path)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=1, dtype=torch.float32
+        model_path, num_labels=1, dtype="auto"
     )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out)

@@ -1,6 +1,8 @@
 """Greedy samples from an HF policy directory and their demo-task gold score (on one CPU process).
 
-Used to judge SFT and PPO policies outside Ray: HF `generate`, greedy, left-padded prompts.
+Used to judge SFT and PPO policies outside Ray: HF `generate`, greedy, left-padded prompts,
+rendered as PPO renders them (`rayrlhf.data.chat`, 'auto'), so the report asks the policy in the
+form it was trained on.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rayrlhf.data.chat import render_prompt, use_template
 from rayrlhf.data.demo_task import positive_word_fraction
 
 
@@ -21,9 +24,11 @@ def greedy_samples(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    templated = use_template(tokenizer, "auto")
+    ids = [render_prompt(tokenizer, p, templated, "report prompt")[1] for p in prompts]
     out: list[str] = []
-    for start in range(0, len(prompts), batch):
-        enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True)
+    for start in range(0, len(ids), batch):
+        enc = tokenizer.pad({"input_ids": ids[start : start + batch]}, return_tensors="pt")
         ids = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,

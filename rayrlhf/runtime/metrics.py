@@ -1,7 +1,9 @@
-"""Step metrics: metrics.jsonl (one line per step), a progress line, and a Prometheus endpoint.
+"""Step metrics: metrics.jsonl (one line per step) and TensorBoard, a progress line, and a
+Prometheus endpoint.
 
 Names are grouped: rollout/, loss/, policy/, critic/, perf/, time/ (wall seconds of each phase of
-the driver), busy/ (compute seconds inside the slowest actor of each role), sync/.
+the driver), busy/ (compute seconds inside the slowest actor of each role), sync/, and eval/ on
+the steps that evaluate (`rayrlhf.runtime.evaluation`).
 
 Orchestration overhead is what the step costs beyond its critical path: step seconds minus, per
 phase, the busiest role's compute seconds. It is the price of Ray, serialization and the driver.
@@ -29,6 +31,12 @@ CONCURRENT = {
     "score": ("reward", "reference", "old_logprobs", "critic"),
     "train": ("train_policy", "train_critic"),
 }
+EVAL_GAUGES = {
+    "eval/reward_mean": "Mean reward on the held-out prompts, last evaluation",
+    "eval/response_length": "Mean response tokens on the held-out prompts, last evaluation",
+    "eval/accuracy": "Accuracy on the held-out prompts, last evaluation (rewards that judge it)",
+}
+"""Evaluation metrics exported as gauges `rayrlhf_eval_<name>`."""
 PROMETHEUS_PHASES = (
     "generate",
     "reward",
@@ -124,8 +132,14 @@ def step_record(
 class StepLog:
     """Appends step records to metrics.jsonl and prints one readable line per step."""
 
-    def __init__(self, run_dir: Path, total_steps: int, stream=None) -> None:
-        self.out = MetricsWriter(run_dir)
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        stream=None,
+        tensorboard: bool = MetricsConfig().tensorboard,
+    ) -> None:
+        self.out = MetricsWriter(run_dir, tensorboard)
         self.total = total_steps
         self.stream = stream
         self.start = time.perf_counter()
@@ -144,6 +158,17 @@ class StepLog:
             file=self.stream or sys.stdout,  # looked up now: callers may redirect stdout
             flush=True,
         )
+        if "eval/reward_mean" in rec:
+            print(
+                f"eval after step {done} | reward {rec['eval/reward_mean']:+.3f} "
+                f"| len {rec['eval/response_length']:.1f} | {rec['eval/num_prompts']} prompts "
+                f"| {rec['eval/seconds']:.1f}s",
+                file=self.stream or sys.stdout,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.out.close()
 
 
 class _AtomicRegistry(CollectorRegistry):
@@ -185,6 +210,8 @@ class PrometheusMetrics:
         self.length = Gauge(
             "rayrlhf_response_length", "Mean response tokens, last step", registry=reg
         )
+        self.eval: dict[str, Gauge] = {}
+        """eval/* gauges, made at their first value: a gauge never set would read 0."""
         self.phase_seconds = Histogram(
             "rayrlhf_phase_seconds",
             "Seconds per phase of a step",
@@ -215,6 +242,12 @@ class PrometheusMetrics:
         self.reward.set(rec["rollout/reward_mean"])
         self.kl.set(rec["rollout/kl"])
         self.length.set(rec["rollout/response_length"])
+        for key, text in EVAL_GAUGES.items():
+            if key in rec:  # an evaluating step
+                if key not in self.eval:
+                    name = f"rayrlhf_eval_{key.removeprefix('eval/')}"
+                    self.eval[key] = Gauge(name, text, registry=self.registry)
+                self.eval[key].set(rec[key])
         for phase, seconds in timer.phase_seconds().items():
             self.phase_seconds.labels(phase=phase).observe(seconds)
         self.sync_bytes.observe(rec["sync/bytes"])

@@ -1,4 +1,6 @@
-"""The run report: PNG plots of reward, KL and tokens/sec against step, from metrics.jsonl."""
+"""The run report: PNG plots of reward, KL, tokens/sec and eval reward against step, from
+metrics.jsonl. A plot covers the records that hold its metric (eval/* only the evaluating steps);
+a metric no record holds gets no plot."""
 
 from __future__ import annotations
 
@@ -15,18 +17,22 @@ PLOTS = {
     "reward.png": ("rollout/reward_mean", "mean reward"),
     "kl.png": ("rollout/kl", "KL to reference (per sequence)"),
     "tokens_per_sec.png": ("perf/tokens_per_sec", "generated tokens / s"),
+    "eval_reward.png": ("eval/reward_mean", "mean reward, held-out prompts"),
 }
 
 
 def write_plots(run_dir: str | Path) -> list[Path]:
-    """One PNG per metric in `PLOTS`, written into `run_dir`; returns their paths."""
+    """One PNG per metric in `PLOTS` that the records hold, written into `run_dir`; returns
+    their paths."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    steps = [r["step"] + 1 for r in records]
     paths = []
     for name, (key, label) in PLOTS.items():
+        points = [(r["step"] + 1, r[key]) for r in records if key in r]
+        if not points:
+            continue
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot(steps, [r[key] for r in records], marker="o", markersize=3)
+        ax.plot(*zip(*points), marker="o", markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(f"{label} — {run_dir.name}")

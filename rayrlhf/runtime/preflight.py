@@ -61,9 +61,39 @@ def check_rule(cfg: TrainConfig) -> None:
             raise ConfigError(f"invalid config:\n  reward.rule: {err}") from None
 
 
+def local_gpu_gib() -> float | None:
+    """Memory of this machine's first GPU, when a run without a cluster address will start its
+    roles here; None otherwise (a cluster's GPUs are not the driver's)."""
+    import os
+
+    import torch
+
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def check_layout_and_memory(cfg: TrainConfig, gpu_gib: float | None = None) -> None:
+    """The engines are placed in a way vLLM can start (`engine_layout`), and, when the roles
+    will run on this machine's GPUs (`gpu_gib`), each role's memory plan fits one of them. A
+    cluster's GPU memory is checked by `rayrlhf check-placement --cluster <shape>`."""
+    from rayrlhf.cluster.memory import check_memory, plan_memory
+    from rayrlhf.cluster.placement import PlacementError, engine_layout
+
+    try:
+        engine_layout(cfg.rollout)
+        if gpu_gib is not None and cfg.ray_address is None:
+            check_memory(plan_memory(cfg, {}, lambda role: gpu_gib))
+    except PlacementError as err:
+        raise ConfigError(f"invalid config:\n  {err}") from None
+
+
 def preflight(cfg: TrainConfig) -> None:
     """Every check above, after building the demo models if the recipe asks for them."""
     build_tiny_models(cfg.make_tiny_models)
     check_paths(cfg)
     check_tokenizers(cfg)
     check_rule(cfg)
+    check_layout_and_memory(cfg, local_gpu_gib())

@@ -2,6 +2,7 @@
 
 run_dir/config.yaml     the validated config, every default filled in
 run_dir/metrics.jsonl   one JSON record per line (steps, evals), started afresh by each run
+run_dir/events.out.tfevents.*   the same records for TensorBoard (metrics.tensorboard)
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from rayrlhf.config import Section
+from rayrlhf.config import MetricsConfig, Section
+from rayrlhf.runtime.tensorboard import TensorBoardWriter
 
 
 def build_tiny_models(directory: str | None) -> None:
@@ -32,15 +34,27 @@ def write_run_config(cfg: Section, run_dir: str | Path) -> Path:
 
 
 class MetricsWriter:
-    """Appends one JSON record per line to run_dir/metrics.jsonl (emptied when opened)."""
+    """Appends one JSON record per line to run_dir/metrics.jsonl (emptied when opened) and, with
+    `tensorboard`, writes its numbers to TensorBoard event files there too. Every command logs
+    through here, so every command's metrics reach TensorBoard."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(
+        self, run_dir: str | Path, tensorboard: bool = MetricsConfig().tensorboard
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.unlink(missing_ok=True)
+        self.tensorboard = TensorBoardWriter(run_dir) if tensorboard else None
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        """Close the event files (each record is already flushed: closing is tidiness)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 from transformers import AutoTokenizer
 
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.placement import start_ray
-from rayrlhf.config import ConfigError, RankGroupConfig, RayRunConfig, Section
+from rayrlhf.config import ConfigError, OnBadRow, RankGroupConfig, RayRunConfig, Section
 from rayrlhf.runtime.run_dir import MetricsWriter, build_tiny_models
 
 EVAL_ROWS = 100
@@ -37,9 +37,9 @@ class Zero3RunConfig(RayRunConfig, RankGroupConfig):
     """Passes over the training examples."""
     batch_size: int = Field(32, ge=1)
     """Examples (SFT rows, RM pairs) per optimizer step, over all ranks."""
-    on_bad_row: Literal["error", "skip"] = "error"
-    """A malformed data row stops the run naming file:line ('error'), or is left out and
-    counted ('skip')."""
+    on_bad_row: OnBadRow = "error"
+    """A malformed data row stops the run naming file:line or its row ('error'), or is left
+    out and counted ('skip')."""
 
     SYNTHETIC: ClassVar[str]
     """Name of the subclass's field that asks for synthetic training data instead of a file."""
@@ -62,12 +62,13 @@ class DataSplitsConfig(Section):
     """Where a trainer's examples come from; each recipe's subclass says what a row holds."""
 
     train: str | None = None
-    """JSONL file of training rows (unset when the recipe generates synthetic ones)."""
+    """Training rows: a JSONL file, a parquet file or a `datasets.save_to_disk` directory
+    (unset when the recipe generates synthetic ones)."""
     eval: str | None = None
-    """JSONL file of held-out rows for evaluation; None skips it."""
+    """Held-out rows for evaluation, in any of train's formats; None skips it."""
     max_len: int = Field(64, ge=2)
     """Most tokens in prompt + response (either side of a pair); a longer row is a bad row,
-    named by file:line."""
+    named by file:line or its row."""
 
 
 def check_data_source(synthetic: str, count: int | None, data: DataSplitsConfig, rows: str) -> None:
@@ -76,7 +77,7 @@ def check_data_source(synthetic: str, count: int | None, data: DataSplitsConfig,
     if count and (data.train or data.eval):
         raise ValueError(f"set {synthetic} or data.train/data.eval, not both")
     if not count and not data.train:
-        raise ValueError(f"set data.train (a JSONL file of {rows}) or {synthetic}")
+        raise ValueError(f"set data.train (a file or dataset of {rows}) or {synthetic}")
 
 
 # ---- inputs, before Ray starts -------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Critic role: a DeepSpeed ZeRO-3 rank of the value model (a one-label token classifier)."""
+"""Critic role: a DeepSpeed ZeRO-3 rank of the value model (a one-label token classifier).
+
+It starts from a value model, a reward model or a causal LM such as the policy (a fresh head on
+its backbone, `models.forward.load_model`). Dropout is off, so `forward_values` (eval mode) and
+`train_step` (train mode) compute one function: before the first update the values trained on
+are the old values.
+"""
 
 from __future__ import annotations
 

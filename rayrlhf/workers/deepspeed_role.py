@@ -7,14 +7,41 @@ ever holds the full parameters; gathering happens a bucket at a time when weight
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from functools import partial
 
 import torch
 
 from rayrlhf.cluster.placement import RankSpec
+from rayrlhf.config import RankGroupConfig
 from rayrlhf.weight_sync import zero3
 from rayrlhf.weight_sync.records import plan_buckets
+
+
+def persistence_threshold(model_path: str) -> int:
+    """Parameters of at most this many elements stay whole on every rank: 10 x hidden size, the
+    rule of HF's "auto" setting. The norm weights (hidden-size vectors) then need no all-gather
+    each forward, and every matrix is still partitioned."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return 10 * config.get_text_config().hidden_size
+
+
+def zero_optimization(group: RankGroupConfig, use_cuda: bool) -> dict:
+    """The `zero_optimization` section: ZeRO-3, its persistence threshold, and the group's
+    offload choices (pinned host buffers on GPU nodes, for faster copies)."""
+    out = {
+        "stage": 3,
+        "stage3_param_persistence_threshold": persistence_threshold(group.model_path),
+    }
+    if group.offload_optimizer:
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": use_cuda}
+    if group.offload_params:
+        out["offload_param"] = {"device": "cpu", "pin_memory": use_cuda}
+    return out
 
 
 def deepspeed_config(spec: RankSpec, use_cuda: bool) -> dict:
@@ -23,7 +50,10 @@ def deepspeed_config(spec: RankSpec, use_cuda: bool) -> dict:
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.grad_accum_steps,
         "gradient_clipping": spec.group.grad_clip,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero_optimization(spec.group, use_cuda),
+        # Sum micro-batch gradients in fp32: in bf16 (DeepSpeed's default, the model's dtype)
+        # 8-12 summed micro-batches lose the small gradients' low bits.
+        "data_types": {"grad_accum_dtype": "fp32"},
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -36,6 +66,31 @@ def deepspeed_config(spec: RankSpec, use_cuda: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def lr_multiplier(step: int, group: RankGroupConfig) -> float:
+    """The factor on `group.lr` at optimizer step `step` (from 0): a linear warm-up over
+    lr_warmup_steps, then `lr_schedule`, from 1 down to lr_min_ratio at step lr_total_steps."""
+    warmup = group.lr_warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup  # the first step already moves the weights
+    if group.lr_schedule == "constant":
+        return 1.0
+    progress = min((step - warmup) / max(group.lr_total_steps - warmup, 1), 1.0)
+    low = group.lr_min_ratio
+    if group.lr_schedule == "linear":
+        return 1.0 - (1.0 - low) * progress
+    return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(group: RankGroupConfig):
+    """What `deepspeed.initialize(lr_scheduler=...)` takes: a callable that builds the schedule
+    on DeepSpeed's optimizer, which DeepSpeed then steps at every optimizer step. DeepSpeed's own
+    WarmupLR family cannot express this: it forces at least 2 warm-up steps and begins the
+    warm-up at lr 0."""
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_multiplier, group=group)
+    )
 
 
 class DeepSpeedRole:
@@ -69,14 +124,25 @@ class DeepSpeedRole:
         dtype = torch.bfloat16 if self.use_cuda else torch.float32
         model = load_model(self.MODEL_KIND, model_path, dtype)
         model.config.use_cache = False
+        if spec.group.gradient_checkpointing:  # non-reentrant: works with ZeRO-3's hooks
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         self.engine, *_ = deepspeed.initialize(
-            model=model, config=self.ds_config, model_parameters=model.parameters()
+            model=model,
+            config=self.ds_config,
+            model_parameters=model.parameters(),
+            lr_scheduler=lr_scheduler(spec.group),
         )
         self.model_path = model_path
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
+
+    def current_lr(self) -> float:
+        """The learning rate the next optimizer step will use."""
+        return float(self.engine.get_lr()[0])
 
     def shard_numel(self) -> tuple[int, int]:
         """(parameters held by this rank, parameters in the model): ZeRO-3 gives ~1/N each."""

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from rayrlhf.models.forward import load_model, response_logprobs
+from rayrlhf.models.forward import response_logprobs
+from rayrlhf.models.frozen import load_frozen
 from rayrlhf.types import Rollout, micro_batches, timed
 
 
 class ReferenceWorker:
-    """Holds the reference model on this actor's device (its GPU, or CPU)."""
+    """Holds the reference model on this actor's devices: its GPU, split over its GPUs when its
+    bundle holds several (a 70B reference does not fit on one), or the CPU."""
 
     def __init__(self, model_path: str, micro_batch_size: int, num_threads: int) -> None:
         torch.set_num_threads(num_threads)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = (
-            load_model("causal_lm", model_path, dtype).to(device).eval().requires_grad_(False)
-        )
+        self.model = load_frozen("causal_lm", model_path)
         self.micro_batch_size = micro_batch_size
 
     @timed

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from rayrlhf.models.forward import load_model, sequence_scores
+from rayrlhf.models.forward import sequence_scores
+from rayrlhf.models.frozen import load_frozen
 from rayrlhf.types import Rollout, micro_batches, timed
 
 RuleFn = Callable[[list[str], list[str]], list[float]]
@@ -32,11 +33,8 @@ class RewardWorker:
         self, model_path: str | None, rule: str | None, micro_batch_size: int, num_threads: int
     ) -> None:
         torch.set_num_threads(num_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = None
-        if model_path is not None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self.model = load_model("reward", model_path, dtype).to(self.device).eval()
+        # On its GPU, split over its GPUs if the bundle holds several, or on the CPU.
+        self.model = load_frozen("reward", model_path) if model_path is not None else None
         self.rule = resolve_rule(rule) if rule else None
         self.micro_batch_size = micro_batch_size
 

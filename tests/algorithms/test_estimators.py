@@ -124,6 +124,23 @@ def test_reinforce_pp_without_kl_and_degenerate_batches():
     )
 
 
+def test_reinforce_pp_discounts_by_gamma():
+    # One row of 3 action tokens, terminal reward 1, no KL: G = (g^2, g, 1). Two rows so that
+    # whitening leaves a signal: the second row's reward is 0, G = (0, 0, 0).
+    mask = torch.ones(2, 3)
+    rewards = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    g = 0.5
+    returns = torch.tensor([[g * g, g, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    mean, var = returns.mean(), returns.var(unbiased=False)
+    expected = (returns - mean) / torch.sqrt(var + 1e-8)
+    torch.testing.assert_close(reinforce_pp_advantages(rewards, mask, gamma=g), expected)
+    # The registered step reads algorithm.gamma (it once ignored it: gamma 1 for every run).
+    algo = AlgorithmConfig(advantage="reinforce_pp", gamma=g, rollout_batch_size=2)
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    advantages, _ = get_estimator("reinforce_pp")(rewards, zeros, 0.0, zeros, mask, algo)
+    torch.testing.assert_close(advantages, expected)
+
+
 def test_registered_steps_run_their_estimator():
     algo = AlgorithmConfig(n_samples_per_prompt=3, rollout_batch_size=6, whiten_advantages=False)
     zeros = torch.zeros(MASK.shape, dtype=torch.float64)  # no KL, values 0

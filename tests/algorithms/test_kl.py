@@ -46,6 +46,16 @@ def test_k3_nonnegative_and_finite_on_random_and_extreme_inputs():
     assert (kl_estimate(lp, lq, "k2") >= 0).all()
 
 
+def test_k3_stays_nonnegative_near_zero_in_float32():
+    # exp(-d) - 1 + d cancels near d = 0: in float32 it gave -3e-8 for |d| ~ 1e-4.
+    d = torch.logspace(-8, -2, 2000, dtype=torch.float32)
+    lp = torch.zeros(2, 2000)
+    k3 = kl_estimate(lp, torch.stack([-d, d]), "k3")  # log ratios +d and -d
+    assert (k3 >= 0).all(), k3.min()
+    # and it is still k3: 0.5 d^2 to leading order
+    torch.testing.assert_close(k3[0, -1], torch.tensor(0.5e-4 - 1e-6 / 6), rtol=1e-3, atol=0)
+
+
 def test_k1_and_k3_are_unbiased_under_policy_sampling():
     p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)  # policy (sampling) distribution
     q = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)  # reference
@@ -95,6 +105,19 @@ def test_adaptive_controller_compounds_over_updates():
     ctl.update(12.0, 5000)  # error clipped to 0.2, factor 1 + 0.2 * 0.5 = 1.1
     ctl.update(12.0, 5000)
     assert ctl.value == pytest.approx(0.121)
+
+
+def test_adaptive_controller_never_locks_at_zero_on_a_large_batch():
+    # n_steps = 5 horizons at low KL: Ziegler's factor 1 - 0.2 * 5 = 0 set beta to 0 for good.
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=100)
+    ctl.update(0.0, 500)
+    assert ctl.value == pytest.approx(0.1 * 0.8**5)  # five sub-updates of one horizon each
+    ctl.update(60.0, 100)  # KL far above target: beta must be able to rise again
+    assert ctl.value == pytest.approx(0.1 * 0.8**5 * 1.2)
+    # A batch of 1.5 horizons is two sub-updates of 0.75 horizons.
+    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=100)
+    ctl.update(0.0, 150)
+    assert ctl.value == pytest.approx(0.1 * (1 - 0.2 * 0.75) ** 2)
 
 
 def test_adaptive_controller_floor_ceiling_and_damping_hand_numbers():

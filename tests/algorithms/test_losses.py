@@ -8,6 +8,7 @@ from rayrlhf.algorithms.losses import (
     Aggregation,
     PolicyLossStats,
     aggregate,
+    engine_logprob_gap_limit,
     entropy_bonus,
     entropy_from_logits,
     explained_variance,
@@ -90,6 +91,22 @@ def test_value_loss_gradient_zero_where_clipped():
     # unclipped tokens: d/dV 0.5 * (V - R)^2 / 4 = (V - R) / 4
     expected = torch.tensor([[0.0, 0.0, -1.0 / 4, 1.0 / 4, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(values.grad, expected)
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_value_loss_gradient_finite_with_garbage_on_padding(clip_eps, bad):
+    # Position 4 is padding: whatever it holds must change neither the loss nor any gradient.
+    clean, _ = value_loss(VALUES, OLD_VALUES, RETURNS, V_MASK, clip_eps)
+    for field in range(3):
+        tensors = [VALUES.clone(), OLD_VALUES.clone(), RETURNS.clone()]
+        tensors[field][0, 4] = bad
+        values = tensors[0].requires_grad_()
+        loss, _ = value_loss(values, tensors[1], tensors[2], V_MASK, clip_eps)
+        loss.backward()
+        assert loss.item() == pytest.approx(clean.item()), field
+        assert torch.isfinite(values.grad).all(), (field, values.grad)
+        assert values.grad[0, 4] == 0
 
 
 def test_entropy():
@@ -277,3 +294,35 @@ def test_entropy_bonus_aggregates_and_keeps_gradient():
     assert seq.item() == pytest.approx((1.5 + 5.0) / 2)
     bonus.backward()
     torch.testing.assert_close(entropy.grad, mask.float() / 3)
+
+
+def _bf16_gap(hidden: int, layers: int, vocab: int) -> torch.Tensor:
+    """|logprob in bf16 - logprob in fp32| of sampled-like tokens, same weights, same inputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128, vocab_size=vocab,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)  # logits as peaked as a trained model's
+        ids = torch.randint(0, vocab, (8, 64))
+        full = logprobs_from_logits(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+        half = logprobs_from_logits(model.bfloat16()(input_ids=ids).logits[:, :-1], ids[:, 1:])
+    return (full - half).abs()
+
+
+@pytest.mark.slow  # a bf16 forward on CPU: ~15 s
+def test_engine_logprob_gap_limits_are_calibrated_by_dtype():
+    gap = _bf16_gap(384, 6, 8000)
+    # A correct bf16 forward of a 6-layer model already comes near the fp32-era alarm on the
+    # max ("> 0.1: broken sync"; 0.107 here), which grows with depth and batch size
+    assert gap.max() > 0.05 and gap.max() > 3 * gap.mean()
+    # while its mean sits well under the bf16 limit, with room for a second bf16 end (sqrt 2)
+    assert math.sqrt(2) * gap.mean() < engine_logprob_gap_limit("bfloat16") / 1.5
+    assert engine_logprob_gap_limit("float32") < engine_logprob_gap_limit("float16")
+    assert engine_logprob_gap_limit("float16") < engine_logprob_gap_limit("bfloat16")
+    with pytest.raises(ValueError, match="bfloat16"):
+        engine_logprob_gap_limit("int8")

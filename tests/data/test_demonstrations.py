@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from dataset_files import plain
 from transformers import AutoTokenizer
 
 from rayrlhf.data.demo_task import GOOD_WORDS, positive_word_fraction
@@ -15,7 +16,8 @@ from rayrlhf.data.jsonl import DataError
 
 @pytest.fixture(scope="module")
 def tok(tiny_models):
-    return AutoTokenizer.from_pretrained(tiny_models["policy"])
+    # Without a chat template: the plain rendering (the template's is tested on its own below).
+    return plain(AutoTokenizer.from_pretrained(tiny_models["policy"]))
 
 
 def _write(tmp_path: Path, lines: list[str], end: str = "\n") -> Path:

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from dataset_files import plain
 
 from rayrlhf.data.jsonl import DataError, read_jsonl
 from rayrlhf.data.preferences import check_preference_row, load_preferences
@@ -11,7 +12,7 @@ from rayrlhf.data.preferences import check_preference_row, load_preferences
 def tokenizer(tiny_models):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_models["policy"])
+    return plain(AutoTokenizer.from_pretrained(tiny_models["policy"]))  # raw prompts
 
 
 def _jsonl(tmp_path, data: bytes | str, name="pairs.jsonl"):

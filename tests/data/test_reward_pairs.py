@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from dataset_files import plain
 from transformers import AutoTokenizer
 
 from rayrlhf.data.jsonl import DataError
@@ -14,7 +15,7 @@ from rayrlhf.data.reward_pairs import load_reward_pairs
 
 @pytest.fixture(scope="module")
 def tok(tiny_models):
-    return AutoTokenizer.from_pretrained(tiny_models["reward"])
+    return plain(AutoTokenizer.from_pretrained(tiny_models["reward"]))  # raw prompts
 
 
 def _pair(**extra) -> str:

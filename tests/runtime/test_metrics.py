@@ -136,3 +136,48 @@ def test_run_report_plots_are_pngs(tmp_path):
     assert {p.name for p in paths} == {"reward.png", "kl.png", "tokens_per_sec.png"}
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+EVAL = {"eval/reward_mean": 0.42, "eval/response_length": 7.5, "eval/num_prompts": 8}
+
+
+def test_prometheus_exports_eval_gauges_from_the_first_evaluation_on():
+    prom = PrometheusMetrics("127.0.0.1", 0)
+    try:
+        prom.observe(_record(0, _timer()), _timer(), Counter())
+        before = _scrape(prom.url)
+        prom.observe({**_record(1, _timer()), **EVAL}, _timer(), Counter())
+        prom.observe(_record(2, _timer()), _timer(), Counter())  # not evaluating: kept
+        after = _scrape(prom.url)
+    finally:
+        prom.close()
+    assert not any(k.startswith("rayrlhf_eval_") for k in before)  # no eval yet: no gauge at 0
+    assert after["rayrlhf_eval_reward_mean"] == 0.42
+    assert after["rayrlhf_eval_response_length"] == 7.5
+    assert "rayrlhf_eval_accuracy" not in after  # the reward reported none
+
+
+def test_step_log_prints_an_eval_line_on_evaluating_steps(tmp_path):
+    import io
+
+    from rayrlhf.runtime.metrics import StepLog
+
+    out = io.StringIO()
+    log = StepLog(tmp_path, 2, stream=out, tensorboard=False)
+    log.write(_record(0, _timer()))
+    log.write({**_record(1, _timer()), **EVAL, "eval/seconds": 1.25})
+    log.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and lines[2] == (
+        "eval after step 2 | reward +0.420 | len 7.5 | 8 prompts | 1.2s"
+    )
+    assert not list(tmp_path.glob("events.out.tfevents.*"))  # tensorboard=False: no files
+
+
+def test_eval_reward_is_plotted_at_the_evaluating_steps_only(tmp_path):
+    t = _timer()
+    recs = [{**_record(s, t), **(EVAL if s % 2 else {})} for s in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    paths = write_plots(tmp_path)
+    assert "eval_reward.png" in {p.name for p in paths}
+    assert (tmp_path / "eval_reward.png").read_bytes()[:4] == b"\x89PNG"
