@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayrlhf.data.chat import render_prompt, use_template
 from rayrlhf.data.demo_task import positive_word_fraction
+from rayrlhf.models.tokenizer import pad_id
 
 
 @torch.no_grad()
@@ -22,21 +23,25 @@ def greedy_samples(
 ) -> list[str]:
     """The greedy continuation of every prompt (special tokens stripped)."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     templated = use_template(tokenizer, "auto")
-    ids = [render_prompt(tokenizer, p, templated, "report prompt")[1] for p in prompts]
+    prompt_ids = [render_prompt(tokenizer, p, templated, "report prompt")[1] for p in prompts]
+    pad = pad_id(tokenizer)
     out: list[str] = []
-    for start in range(0, len(ids), batch):
-        enc = tokenizer.pad({"input_ids": ids[start : start + batch]}, return_tensors="pt")
-        ids = model.generate(
-            **enc,
+    for start in range(0, len(prompt_ids), batch):
+        chunk = prompt_ids[start : start + batch]
+        width = max(len(x) for x in chunk)
+        # Left padding by hand: Llama-3 and Mistral tokenizers have no pad token to pad with.
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad,
         )
-        new = ids[:, enc["input_ids"].shape[1] :]
-        out += tokenizer.batch_decode(new, skip_special_tokens=True)
+        out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return out
 
 
