@@ -39,6 +39,27 @@ def source_kind(path: str | Path) -> SourceKind:
     return {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix.lower(), "jsonl")
 
 
+SAVED_MARKERS = ("state.json", "dataset_dict.json")
+"""What `save_to_disk` writes into a Dataset's (a DatasetDict's) directory."""
+
+
+def check_source(path: str | Path) -> None:
+    """`path` exists and is a file, or a directory written by `datasets.save_to_disk`: else a
+    `DataError` saying what it is (never a raw IsADirectoryError from deep in a reader)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if not any((path / m).is_file() for m in SAVED_MARKERS):
+            raise DataError(
+                f"{path}: is a directory, not a data file nor one written by "
+                "datasets.save_to_disk (no state.json or dataset_dict.json in it); give a JSONL, "
+                "parquet or arrow file, or such a directory"
+            )
+    elif not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+
+
 def read_rows(
     path: str | Path,
     check: Callable[[dict, str], T],
@@ -48,8 +69,7 @@ def read_rows(
     """(line or row index, check(row, where)) for each good row of any supported source, and
     the skip messages. `where` is "file:line" (JSONL) or "file row i" (parquet, arrow)."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
+    check_source(path)
     kind = source_kind(path)
     if kind == "jsonl":
         return read_jsonl(path, check, on_bad_row, what)

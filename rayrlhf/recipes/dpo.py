@@ -336,7 +336,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
             f"invalid config:\n  batch_size: {cfg.batch_size} is more than the {len(train)} "
             f"{cfg.rows} in {train_path}"
         )
-    run_dir = write_run_config(cfg, cfg.run_dir)
+    run_dir = write_run_config(cfg, cfg.run_dir, keep=[p for p in (train_path, eval_path) if p])
     pol, uses_ref = cfg.policy, cfg.loss_entry.uses_reference
     ref_cpus = cfg.reference.resources.num_cpus if uses_ref else 0.0
     start_ray(cfg.ray_address, pol.num_ranks * pol.resources.num_cpus + ref_cpus)

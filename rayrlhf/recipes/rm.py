@@ -21,6 +21,7 @@ from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.config import load_recipe
 from rayrlhf.data.reward_pairs import RewardPairSet, load_reward_pairs
 from rayrlhf.data.synthetic import train_and_held_out
+from rayrlhf.models.saving import atomic_dir
 from rayrlhf.runtime.run_dir import MetricsWriter, write_run_config
 from rayrlhf.runtime.zero3_run import (
     TRAINER,
@@ -84,8 +85,9 @@ def init_reward_model(model_path: str | Path, out: Path, seed: int) -> Path:
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path, num_labels=1, dtype="auto"
     )
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+    with atomic_dir(out) as tmp:  # complete or absent, never config.json alone
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp)
     return out
 
 
@@ -149,7 +151,7 @@ def train_rm(cfg: RMConfig) -> Path:
     models = {"model_path": cfg.model_path}
     train, held_out = prepare_inputs(cfg, models, cfg.synthetic_pairs, train_and_held_out)
     sets = load_splits(cfg, load_reward_pairs, train, held_out, "pairs")
-    run_dir = write_run_config(cfg, cfg.run_dir)
+    run_dir = write_run_config(cfg, cfg.run_dir, keep=[p for p in (train, held_out) if p])
     init = init_reward_model(cfg.model_path, run_dir / "init", cfg.seed)
     loop = partial(_loop, cfg, sets)
     run_group(

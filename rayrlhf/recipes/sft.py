@@ -101,7 +101,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     models = {"model_path": cfg.model_path}
     train, held_out = prepare_inputs(cfg, models, cfg.synthetic_demos, synthetic_demonstrations)
     sets = load_splits(cfg, load_demonstrations, train, held_out, "rows")
-    run_dir = write_run_config(cfg, cfg.run_dir)
+    run_dir = write_run_config(cfg, cfg.run_dir, keep=[p for p in (train, held_out) if p])
     loop = partial(_loop, cfg, sets)
     run_group(cfg, SFTWorker, cfg.model_path, loop, trainer="SFT", saved="SFT policy")
     return run_dir

@@ -1,13 +1,28 @@
 """Checks that run before Ray starts: a bad path, tokenizer or rule fails in seconds, not after
-the actors have loaded their models."""
+the actors have loaded their models. Each failure is a `ConfigError` (exit 2) naming the field,
+or a `DataError` naming the file and line.
+
+    paths        every model directory exists and holds a config.json; every data file is a
+                 file, or a `datasets.save_to_disk` directory
+    tokenizers   every role reads the policy's token ids: same vocabulary, or (a model saved
+                 without a tokenizer) an embedding with a row for each of the policy's tokens;
+                 a reward model with a tokenizer of its own is re-encoded instead
+    context      the policy's context (max_position_embeddings) leaves room for a response of
+                 rollout.max_new_tokens; each prompt is checked against what is left
+                 (`context_limit`, applied where the prompts load)
+    rule, layout and memory
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from rayrlhf.config import ConfigError, TrainConfig
+from rayrlhf.data.jsonl import DataError
+from rayrlhf.data.prompts import ContextLimit, PromptSet
+from rayrlhf.data.sources import check_source
 from rayrlhf.runtime.run_dir import build_tiny_models
 
 
@@ -22,43 +37,134 @@ def model_paths(cfg: TrainConfig) -> dict[str, str]:
     return {k: v for k, v in paths.items() if v is not None}
 
 
+def check_model_dir(field: str, path: str | Path) -> None:
+    """`path` is a Hugging Face model directory (it holds a config.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"invalid config:\n  {field}: path does not exist: {path}")
+    if not (path / "config.json").is_file():
+        what = "a directory without config.json" if path.is_dir() else "a file"
+        raise ConfigError(
+            f"invalid config:\n  {field}: {path} is {what}, not a Hugging Face model directory "
+            "(`save_pretrained` writes config.json beside the weights)"
+        )
+
+
+def check_data_path(field: str, path: str | Path) -> None:
+    """`path` can be read as data: a file, or a `datasets.save_to_disk` directory."""
+    try:
+        check_source(path)
+    except DataError as err:
+        raise ConfigError(f"invalid config:\n  {field}: {err}") from None
+
+
 def check_paths(cfg: TrainConfig) -> None:
-    """Every model directory and data file exists."""
-    paths = model_paths(cfg)
-    if cfg.data.prompts != "demo":
-        paths["data.prompts"] = cfg.data.prompts
-    for field, value in paths.items():
-        if not Path(value).exists():
-            raise ConfigError(f"invalid config:\n  {field}: path does not exist: {value}")
+    """Every model directory holds a model, every data file the run reads can be read."""
+    for field, value in model_paths(cfg).items():
+        check_model_dir(field, value)
+    data = {"data.prompts": cfg.data.prompts}
+    if cfg.eval.every_steps or getattr(cfg.eval, "at_start", False):
+        data["eval.prompts"] = cfg.eval.prompts
+    for field, value in data.items():
+        if value != "demo":
+            check_data_path(field, value)
+
+
+def _own_tokenizer(path: str):
+    """The tokenizer saved with the model at `path`, or None if there is none."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_embedding(field: str, path: str, tokens: int, whose: str) -> None:
+    """The model at `path` has an embedding row for each of `tokens` ids (`whose` tokenizer's),
+    so no id it is given indexes past its table (an IndexError mid-run otherwise)."""
+    config = AutoConfig.from_pretrained(path)
+    rows = getattr(config.get_text_config(), "vocab_size", None)
+    if rows is not None and rows < tokens:
+        raise ConfigError(
+            f"invalid config:\n  {field}: {path} has {rows} embedding rows, fewer than the "
+            f"{tokens} tokens of {whose}: token ids from {rows} up would fail mid-run"
+        )
 
 
 def check_tokenizers(cfg: TrainConfig) -> None:
-    """All models read the policy's token ids, so their vocabularies must be identical."""
+    """Every role reads the policy's token ids, so every vocabulary must be the policy's. A
+    model saved without a tokenizer reads them as they are (by design), so its embedding must
+    cover them; a reward model with a tokenizer of its own is fed re-encoded text (its worker
+    decodes and re-encodes), so it may differ."""
     paths = model_paths(cfg)
-    base = AutoTokenizer.from_pretrained(paths.pop("policy.model_path")).get_vocab()
+    policy_path = paths.pop("policy.model_path")
+    policy = AutoTokenizer.from_pretrained(policy_path)
+    base, size = policy.get_vocab(), len(policy)
+    check_embedding("policy.model_path", policy_path, size, "its own tokenizer")
     for field, path in paths.items():
-        try:
-            vocab = AutoTokenizer.from_pretrained(path).get_vocab()
-        except (OSError, ValueError):
-            continue  # no tokenizer saved with this model: nothing to compare
-        if vocab != base:
+        own = _own_tokenizer(path)
+        if own is None:
+            check_embedding(field, path, size, f"the policy's tokenizer ({policy_path})")
+            print(
+                f"pre-flight: {field} {path} has no tokenizer saved with it: it reads the "
+                "policy's token ids, so it must have been trained with the policy's tokenizer",
+                flush=True,
+            )
+            continue
+        vocab = own.get_vocab()
+        if vocab != base and field != "reward.model_path":
             differing = sum(1 for tok, i in vocab.items() if base.get(tok) != i)
             raise ConfigError(
                 f"invalid config:\n  {field}: its tokenizer does not match policy.model_path's "
                 f"({len(vocab)} vs {len(base)} tokens, {differing} mapped differently); "
-                "every role reads the policy's token ids"
+                "every role but the reward model reads the policy's token ids"
             )
 
 
-def check_rule(cfg: TrainConfig) -> None:
-    """The rule reward imports."""
-    if cfg.reward.rule:
-        from rayrlhf.workers.reward import resolve_rule
+def context_limit(cfg: TrainConfig) -> ContextLimit | None:
+    """The most prompt tokens the policy's context leaves beside a response of
+    rollout.max_new_tokens; None when its config states no context length or cannot be read
+    (`check_paths` reports a missing model). A context that leaves no room is a `ConfigError`."""
+    try:
+        config = AutoConfig.from_pretrained(cfg.policy.model_path).get_text_config()
+    except (OSError, ValueError):
+        return None
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return None
+    new = cfg.rollout.max_new_tokens
+    why = (
+        f"policy.model_path's context of {context} tokens (max_position_embeddings) less "
+        f"rollout.max_new_tokens={new}"
+    )
+    if context - new < 1:
+        raise ConfigError(f"invalid config:\n  rollout.max_new_tokens: {why} leaves no room")
+    return ContextLimit(context - new, why)
 
+
+def check_prompts(cfg: TrainConfig) -> None:
+    """Load the training and evaluation prompts as the run will (rows, template, lengths):
+    what `rayrlhf check-config` adds to `preflight`; a run loads them itself."""
+    from rayrlhf.runtime.evaluation import load_eval_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model_path)
+    PromptSet.load(cfg.data, tokenizer, cfg.seed, context_limit(cfg))
+    if cfg.eval.every_steps or getattr(cfg.eval, "at_start", False):
+        load_eval_prompts(cfg, tokenizer)
+
+
+def check_rule(cfg: TrainConfig) -> None:
+    """Every reward function (reward.rule, reward.rules) imports."""
+    from rayrlhf.workers.reward import resolve_rule
+
+    rules = cfg.reward.all_rules()
+    fields = (["reward.rule"] if cfg.reward.rule else []) + [
+        f"reward.rules[{i}]" for i in range(len(cfg.reward.rules))
+    ]
+    for field, rule in zip(fields, rules):
         try:
-            resolve_rule(cfg.reward.rule)
+            resolve_rule(rule.fn)
         except ValueError as err:
-            raise ConfigError(f"invalid config:\n  reward.rule: {err}") from None
+            raise ConfigError(f"invalid config:\n  {field}: {err}") from None
 
 
 def local_gpu_gib() -> float | None:
@@ -95,5 +201,6 @@ def preflight(cfg: TrainConfig) -> None:
     build_tiny_models(cfg.make_tiny_models)
     check_paths(cfg)
     check_tokenizers(cfg)
+    context_limit(cfg)
     check_rule(cfg)
     check_layout_and_memory(cfg, local_gpu_gib())

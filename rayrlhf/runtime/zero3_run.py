@@ -19,7 +19,8 @@ from transformers import AutoTokenizer
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.placement import start_ray
 from rayrlhf.config import ConfigError, OnBadRow, RankGroupConfig, RayRunConfig, Section
-from rayrlhf.runtime.run_dir import MetricsWriter, build_tiny_models
+from rayrlhf.runtime.preflight import check_data_path, check_model_dir
+from rayrlhf.runtime.run_dir import MetricsWriter, build_tiny_models, check_run_dir
 
 EVAL_ROWS = 100
 """Held-out rows generated next to the synthetic training ones (SFT, RM and DPO demos)."""
@@ -91,6 +92,7 @@ def prepare_inputs(
     `cfg` has make_tiny_models, run_dir, seed and data.train/eval; `models` maps config names
     to model directories; `generate(n, n_eval, seed)` returns (train rows, held-out rows).
     """
+    check_run_dir(cfg)  # before the synthetic data below is written into it
     build_tiny_models(cfg.make_tiny_models)
     train, held_out = cfg.data.train, cfg.data.eval
     if synthetic:
@@ -99,10 +101,12 @@ def prepare_inputs(
         rows, held_rows = generate(synthetic, EVAL_ROWS, cfg.seed)
         train = write_jsonl(rows, Path(cfg.run_dir) / "data" / "train.jsonl")
         held_out = write_jsonl(held_rows, Path(cfg.run_dir) / "data" / "eval.jsonl")
-    paths = {**models, "data.train": train, "data.eval": held_out}
-    for name, value in paths.items():
-        if value is not None and not Path(value).exists():
-            raise ConfigError(f"invalid config:\n  {name}: path does not exist: {value}")
+    for name, value in models.items():
+        if value is not None:
+            check_model_dir(name, value)
+    for name, value in {"data.train": train, "data.eval": held_out}.items():
+        if value is not None:
+            check_data_path(name, value)
     return Path(train), Path(held_out) if held_out else None
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import random
 import warnings
 from functools import partial
 
@@ -93,6 +95,57 @@ def lr_scheduler(group: RankGroupConfig):
     )
 
 
+class UnsafePickleError(pickle.UnpicklingError):
+    """A checkpoint file whose pickle would build something other than tensors and plain state."""
+
+
+def safe_torch_load(path: str, map_location=None, mmap: bool = False):
+    """`torch.load(weights_only=True)`, with DeepSpeed's two state records allowed (an enum and
+    the loss scaler's plain attributes). A pickle that would import anything else, and so could
+    run code, raises UnsafePickleError naming the file and the global."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # torch's message: boilerplate, then the line that names the refused global.
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "global" in ln]
+        why = (lines or ["an unsupported pickle"])[0].removeprefix("WeightsUnpickler error: ")
+        raise UnsafePickleError(
+            f"{path}: refusing to unpickle it ({why}); a checkpoint holds tensors and plain "
+            "state only, so this file was not written by rayrlhf or was tampered with"
+        ) from None
+
+
+def rng_state() -> dict:
+    """Every RNG of this process that training can draw from (torch CPU and CUDA, Python,
+    NumPy), in types `safe_torch_load` reads back."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+
+
 class DeepSpeedRole:
     """Base of a ZeRO-3 rank actor. Subclasses set `MODEL_KIND` and add their maths."""
 
@@ -150,7 +203,9 @@ class DeepSpeedRole:
         return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
 
     def save(self, path: str, bucket_mb: float = 256.0) -> None:
-        """Write an HF checkpoint (model + tokenizer) from rank 0. Collective."""
+        """Write an HF checkpoint (model + tokenizer) from rank 0. Collective. It is written
+        to `<path>.tmp` and renamed when complete (`models.saving.atomic_dir`), so a failed
+        save leaves `path` as it was, never a config.json without weights."""
         plan = plan_buckets(zero3.param_metas(self.module), int(bucket_mb * 2**20))
         state = {}
         for bucket in zero3.gathered_buckets(self.module, plan, self.spec.rank):
@@ -158,5 +213,29 @@ class DeepSpeedRole:
         if self.spec.rank == 0:
             from transformers import AutoTokenizer
 
-            self.module.save_pretrained(path, state_dict=state)
-            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
+            from rayrlhf.models.saving import atomic_dir
+
+            with atomic_dir(path) as tmp:
+                self.module.save_pretrained(tmp, state_dict=state)
+                AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write this rank's ZeRO-3 state (weight partitions, AdamW moments, LR schedule, step
+        counters) and its RNG states under `path`, in DeepSpeed's layout. Collective."""
+        self.engine.save_checkpoint(
+            path, tag=CHECKPOINT_TAG, client_state={"rng": rng_state()}, save_latest=False
+        )
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what `save_checkpoint` wrote, into this freshly built engine (ZeRO-3 loads
+        only into an engine that has not stepped). Every file is unpickled by `safe_torch_load`;
+        the checkpoint's rank count must be this group's (the driver checks it first)."""
+        self.engine.checkpoint_engine.load = safe_torch_load  # DeepSpeed's own passes False
+        loaded, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        if loaded is None:
+            raise FileNotFoundError(f"{path}: no DeepSpeed checkpoint '{CHECKPOINT_TAG}' there")
+        set_rng_state(client["rng"])
+
+
+CHECKPOINT_TAG = "ds"
+"""DeepSpeed's tag (sub-directory) of a rank group's checkpoint."""

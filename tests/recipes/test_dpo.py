@@ -17,11 +17,13 @@ RECIPES = Path(__file__).resolve().parents[2] / "configs"
 
 @pytest.fixture(scope="module")
 def tokenizer_only(tmp_path_factory) -> Path:
-    """A model directory holding just the tiny tokenizer: enough to load data, not to train."""
+    """A model directory holding the tiny tokenizer and an empty config.json: enough to pass the
+    model-directory check and load data, not to train."""
     from rayrlhf.models.tiny import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer().save_pretrained(out)
+    (out / "config.json").write_text("{}")
     return out
 
 
@@ -84,6 +86,7 @@ def test_invalid_config_names_the_field(tmp_path, overrides, problem):
 
 def test_missing_data_file_names_the_field(tmp_path):
     (tmp_path / "policy").mkdir()
+    (tmp_path / "policy/config.json").write_text("{}")  # passes the model-directory check
     cfg = load_dpo_config(
         None,
         [
@@ -93,13 +96,14 @@ def test_missing_data_file_names_the_field(tmp_path):
             f"data.train={tmp_path / 'nope.jsonl'}",
         ],
     )
-    with pytest.raises(ConfigError, match="data.train: path does not exist"):
+    with pytest.raises(ConfigError, match="data.train: .*nope.jsonl: no such file"):
         prepare_inputs(cfg)
 
 
 def _synthetic_inputs(tmp_path, *overrides: str):
     """prepare_inputs of the embedded recipe with 40 synthetic pairs into tmp_path/run."""
     (tmp_path / "policy").mkdir()
+    (tmp_path / "policy/config.json").write_text("{}")  # passes the model-directory check
     cfg = load_dpo_config(
         None,
         [
