@@ -28,6 +28,8 @@ EXAMPLES = r"""examples:
   rayrlhf best-of-n --config configs/tiny-cpu.yaml --n 8 --prompts 64
   rayrlhf sft --config configs/sft-tiny-cpu.yaml
   rayrlhf rm --config configs/rm-tiny-cpu.yaml --set epochs=1
+  rayrlhf serve-reward --rule rayrlhf.data.demo_task:positive_word_fraction --port 8300
+      # then: --set reward.remote.url=http://127.0.0.1:8300/score (docs/rewards.md)
 """
 
 PPO = "rayrlhf.config:TrainConfig"
@@ -61,7 +63,17 @@ COMMANDS: dict[str, Command] = {
         "rayrlhf.recipes.pipeline:main", "rayrlhf.recipes.pipeline:PipelineConfig",
         "configs/tiny-cpu-pipeline.yaml",
     ),
-    "train": Command("run PPO", "rayrlhf.recipes.ppo:main", PPO, "configs/tiny-cpu.yaml"),
+    "train": Command(
+        "run PPO", "rayrlhf.recipes.ppo:main", PPO, "configs/tiny-cpu.yaml",
+        (
+            Option(
+                ("--resume",),
+                {"action": "store_true",
+                 "help": "continue from the newest complete checkpoint in run_dir "
+                 "(docs/checkpoints.md); exit 3 means stopped by a signal after a checkpoint"},
+            ),
+        ),
+    ),
     "sft": Command(
         "supervised fine-tuning on demonstrations", "rayrlhf.recipes.sft:main",
         "rayrlhf.recipes.sft:SFTConfig", "configs/sft-tiny-cpu.yaml",
@@ -81,6 +93,39 @@ COMMANDS: dict[str, Command] = {
             Option(("--n",), {"type": int, "default": 8, "help": "samples per prompt (default 8)"}),
             Option(
                 ("--prompts",), {"type": int, "default": 64, "help": "prompts (default 64)"}
+            ),
+        ),
+    ),
+    "serve-reward": Command(
+        "serve a reward function or reward model over HTTP (for reward.remote)",
+        "rayrlhf.recipes.serve_reward:main",
+        options=(  # unset options take ServeRewardConfig's defaults (the one place they live)
+            Option(
+                ("--rule",),
+                {"default": argparse.SUPPRESS, "metavar": "MODULE:FUNCTION",
+                 "help": "a reward function fn(prompts, responses, rows) -> float or "
+                 "{score, extras} per sample, sync or async (docs/rewards.md)"},
+            ),
+            Option(
+                ("--model",),
+                {"default": argparse.SUPPRESS, "metavar": "PATH",
+                 "help": "or: an HF one-label sequence-classification reward model directory; "
+                 "text is re-encoded with its own tokenizer"},
+            ),
+            Option(
+                ("--host",),
+                {"default": argparse.SUPPRESS,
+                 "help": "address to bind (default 127.0.0.1: this machine only; no auth)"},
+            ),
+            Option(
+                ("--port",),
+                {"type": int, "default": argparse.SUPPRESS,
+                 "help": "TCP port (default 8300; 0 = a free one, printed at start)"},
+            ),
+            Option(
+                ("--micro-batch-size",),
+                {"type": int, "default": argparse.SUPPRESS,
+                 "help": "sequences per reward-model forward pass (default 16)"},
             ),
         ),
     ),

@@ -69,6 +69,10 @@ class Rollout:
     """B prompt texts."""
     responses: tuple[str, ...]
     """B response texts, as decoded by vLLM."""
+    rows: tuple[dict, ...]
+    """B dataset rows' other columns (every column but the prompt; {} for the demo task), as in
+    `rayrlhf.data.prompts.PromptBatch.columns`: what reward functions read, e.g. an answer.
+    A prompt's repeats share one dict: read, don't mutate."""
 
     @property
     def prompt_len(self) -> int:
@@ -80,17 +84,44 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class RewardOutput:
+    """What the reward actor computed for a rollout of B sequences (`workers.reward_fns`)."""
+
+    scores: Tensor
+    """[B] float32 weighted sum of every reward term; 0 where the sample is invalid."""
+    valid: Tensor
+    """[B] bool: every term gave a finite score (a None, NaN or inf makes the sample invalid:
+    it trains on nothing)."""
+    extras: dict[str, Tensor]
+    """Named extras the reward functions reported (e.g. accuracy): name -> [B] float32, NaN
+    where a sample has none."""
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    def summary(self) -> dict[str, float]:
+        """For the metrics log: `invalid` (count of invalid samples) and each extra's mean over
+        the valid samples that have it (NaN if none has)."""
+        out = {"invalid": float((~self.valid).sum().item())}
+        for name, values in self.extras.items():
+            out[name] = values[self.valid].nanmean().item() if self.valid.any() else float("nan")
+        return out
+
+
+@dataclass(frozen=True)
 class Scores:
     """What the reward, reference, policy and critic actors computed for a rollout."""
 
     rewards: Tensor
-    """[B] float32 sequence-level rewards."""
+    """[B] float32 sequence-level rewards (`reward.scores`: 0 on invalid samples)."""
     ref_logprobs: Tensor
     """[B, R] float32 reference-model logprobs (0 on padding)."""
     old_logprobs: Tensor
     """[B, R] float32 policy logprobs before the update (0 on padding)."""
     values: Tensor
     """[B, R] float32 critic values (0 on padding)."""
+    reward: RewardOutput | None = None
+    """The reward actor's whole output (validity, extras); None means all valid, no extras."""
 
 
 @dataclass(frozen=True)

@@ -238,20 +238,22 @@ def test_check_paths_and_tokenizers_pass_on_tiny_models(tiny_models):
     preflight.check_tokenizers(cfg)
 
 
-def test_check_tokenizers_mismatch_names_reward(tiny_models, tmp_path):
+def test_check_tokenizers_mismatch_names_critic_and_spares_reward(tiny_models, tmp_path):
     from rayrlhf.models.tiny import train_tokenizer
 
-    other = tmp_path / "reward-other-vocab"
-    shutil.copytree(tiny_models["reward"], other)
     small = train_tokenizer(vocab_size=300)
-    small.save_pretrained(other)
     assert len(small.get_vocab()) != len(_vocab(tiny_models["policy"]))
-    cfg = _cfg_with_paths(dict(tiny_models, reward=other))
+    for role in ("critic", "reward"):
+        shutil.copytree(tiny_models[role], tmp_path / role)
+        small.save_pretrained(tmp_path / role)
+    cfg = _cfg_with_paths(dict(tiny_models, critic=tmp_path / "critic"))
     with pytest.raises(ConfigError) as err:
         preflight.check_tokenizers(cfg)
     msg = str(err.value)
-    assert "reward.model_path" in msg
-    assert "critic.model_path" not in msg  # the critic's tokenizer does match
+    assert "critic.model_path" in msg
+    assert "reward.model_path" not in msg  # the reward's tokenizer does match
+    # A reward model may have its own tokenizer: it re-encodes decoded text.
+    preflight.check_tokenizers(_cfg_with_paths(dict(tiny_models, reward=tmp_path / "reward")))
 
 
 def test_check_tokenizers_skips_model_without_tokenizer(tiny_models, tmp_path):

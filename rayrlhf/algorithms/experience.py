@@ -38,10 +38,16 @@ class RolloutStats:
     """Max |engine logprob - trainer logprob| over sampled tokens: large means broken sync."""
 
 
-def assemble_rollout(samples: list[Sample], prompts: list[str], pad_id: int) -> Rollout:
-    """Left-pad prompts and right-pad responses into the layout of `rayrlhf.types`."""
+def assemble_rollout(
+    samples: list[Sample], prompts: list[str], pad_id: int, rows: list[dict] | None = None
+) -> Rollout:
+    """Left-pad prompts and right-pad responses into the layout of `rayrlhf.types`. `rows` are
+    the prompts' dataset columns (`PromptBatch.columns`); None gives each sample {}."""
     if len(samples) != len(prompts):
         raise ValueError(f"{len(samples)} samples for {len(prompts)} prompts")
+    rows = [{} for _ in samples] if rows is None else rows
+    if len(rows) != len(samples):
+        raise ValueError(f"{len(rows)} dataset rows for {len(samples)} samples")
     prompt_ids = pad_rows([s.prompt_ids for s in samples], pad_id, left=True)
     responses = pad_rows([s.response_ids for s in samples], pad_id, left=False)
     prompt_mask = pad_rows([[1] * len(s.prompt_ids) for s in samples], 0, left=True)
@@ -57,6 +63,7 @@ def assemble_rollout(samples: list[Sample], prompts: list[str], pad_id: int) -> 
         engine_logprobs=engine_lp,
         prompts=tuple(prompts),
         responses=tuple(s.text for s in samples),
+        rows=tuple(rows),
     )
 
 

@@ -37,6 +37,13 @@ def positive_word_fraction(prompts: list[str], responses: list[str]) -> list[flo
     return scores
 
 
+def gold_score(prompts: list[str], responses: list[str], rows: list[dict]) -> list[float]:
+    """`positive_word_fraction` as a reward function of the contract: the pipeline's gold
+    scorer (`eval.gold`), judging the responses of a policy trained on a learned proxy."""
+    del rows  # the demo task has no columns
+    return positive_word_fraction(prompts, responses)
+
+
 def demo_prompts(n: int, seed: int = 0) -> list[str]:
     """`n` prompts drawn from the task's templates and topics, reproducibly."""
     rng = random.Random(seed)

@@ -40,6 +40,17 @@ class PromptBatch:
 
 
 @dataclass(frozen=True)
+class ContextLimit:
+    """The most prompt tokens the policy's context leaves beside a response
+    (`rayrlhf.runtime.preflight.context_limit`)."""
+
+    tokens: int
+    """max_position_embeddings - rollout.max_new_tokens."""
+    why: str
+    """How it was reckoned, for the error naming an overlong row."""
+
+
+@dataclass(frozen=True)
 class PromptRow:
     """One checked, rendered row, before the length check."""
 
@@ -67,9 +78,12 @@ class PromptSet:
         self._epoch, self._cached = -1, list[int]()
 
     @classmethod
-    def load(cls, cfg: DataConfig, tokenizer, seed: int) -> PromptSet:
-        """The prompts of `cfg.prompts`; bad or overlong rows are errors naming the row unless
-        `cfg` says to leave them out, and what was left out is printed."""
+    def load(
+        cls, cfg: DataConfig, tokenizer, seed: int, context: ContextLimit | None = None
+    ) -> PromptSet:
+        """The prompts of `cfg.prompts`; bad or overlong rows (over data.max_prompt_tokens,
+        or over what the model's `context` leaves) are errors naming the row unless `cfg`
+        says to leave them out, and what was left out is printed."""
         templated = use_template(tokenizer, cfg.chat_template)
         if cfg.prompts == "demo":
             texts = demo_prompts(cfg.num_demo_prompts, seed)
@@ -85,7 +99,7 @@ class PromptSet:
 
             found, skipped = read_rows(cfg.prompts, check, cfg.on_bad_row, "prompts")
             rows = [r for _, r in found]
-        kept = _fitting(rows, cfg)
+        kept = _fitting(rows, cfg, context)
         out = cls([r.text for r in kept], [r.ids for r in kept], seed, [r.columns for r in kept])
         out.skipped, out.dropped = len(skipped), len(rows) - len(kept)
         _report(cfg, out, skipped)
@@ -97,11 +111,15 @@ class PromptSet:
     def draw(self, step: int, size: int, repeat: int = 1) -> PromptBatch:
         """The `size` prompts of `step`, each `repeat` times in a row; a pure function of
         (seed, step), so a resumed run sees the same."""
+        return self.rows([i for i in self.indices(step, size) for _ in range(repeat)])
+
+    def indices(self, step: int, size: int) -> list[int]:
+        """The prompt indices (file order) that `draw(step, size)` serves: a run's ledger."""
         picks = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, len(self))
             picks.append(self._order(epoch)[pos])
-        return self.rows([i for i in picks for _ in range(repeat)])
+        return picks
 
     def batch(self, step: int, size: int, repeat: int = 1) -> tuple[list[str], list[list[int]]]:
         """(texts, ids) of `draw(step, size, repeat)`."""
@@ -133,21 +151,23 @@ def _render(
     return PromptRow(where, text, ids, {k: v for k, v in row.items() if k != column})
 
 
-def _fitting(rows: list[PromptRow], cfg: DataConfig) -> list[PromptRow]:
-    """The rows within data.max_prompt_tokens; an overlong one is an error unless overlong=drop."""
-    limit = cfg.max_prompt_tokens
+def _fitting(
+    rows: list[PromptRow], cfg: DataConfig, context: ContextLimit | None = None
+) -> list[PromptRow]:
+    """The rows within data.max_prompt_tokens and the model's context; an overlong one is an
+    error naming its row unless overlong=drop."""
+    limit, why = cfg.max_prompt_tokens, f"data.max_prompt_tokens={cfg.max_prompt_tokens}"
+    if context is not None and context.tokens < limit:
+        limit, why = context.tokens, f"{context.tokens}: {context.why}"
     kept = [r for r in rows if len(r.ids) <= limit]
     if len(kept) < len(rows) and cfg.overlong == "error":
         r = next(r for r in rows if len(r.ids) > limit)
         raise DataError(
-            f"{r.where}: prompt has {len(r.ids)} tokens, more than "
-            f"data.max_prompt_tokens={limit} (data.overlong=drop leaves such prompts out)"
+            f"{r.where}: prompt has {len(r.ids)} tokens, more than {why} "
+            "(data.overlong=drop leaves such prompts out)"
         )
     if not kept:
-        raise DataError(
-            f"{cfg.prompts}: no prompt fits data.max_prompt_tokens={limit} "
-            f"(all {len(rows)} are longer)"
-        )
+        raise DataError(f"{cfg.prompts}: no prompt fits {why} (all {len(rows)} are longer)")
     return kept
 
 
@@ -161,7 +181,7 @@ def _report(cfg: DataConfig, prompts: PromptSet, skipped: list[str]) -> None:
     if prompts.dropped:
         notes.append(
             f"dropped {prompts.dropped} prompt(s) over data.max_prompt_tokens="
-            f"{cfg.max_prompt_tokens} (data.overlong=drop)"
+            f"{cfg.max_prompt_tokens} or the model's context (data.overlong=drop)"
         )
     if notes:
         print(f"prompts {cfg.prompts}: {len(prompts)} kept; " + "; ".join(notes), flush=True)

@@ -24,7 +24,7 @@ from rayrlhf.config import ConfigError, TrainConfig, load_config
 from rayrlhf.data.prompts import PromptSet
 from rayrlhf.data.synthetic import gold_score
 from rayrlhf.models.tokenizer import pad_id
-from rayrlhf.runtime.preflight import preflight
+from rayrlhf.runtime.preflight import context_limit, preflight
 from rayrlhf.types import Sample
 from rayrlhf.workers.reward import RewardWorker
 from rayrlhf.workers.rollout import RolloutEngine, generate_on
@@ -66,6 +66,7 @@ def best_of_n_generate(
     n: int,
     seed: int,
     pad_id: int,
+    columns: list[dict] | None = None,
 ) -> list[BestOfNResult]:
     """Sample `n` responses per prompt, score them with the reward actor, keep the best each."""
     if n < 1:
@@ -74,9 +75,11 @@ def best_of_n_generate(
     texts = [t for t in prompts for _ in range(n)]
     parts = generate_on(actors.actors["rollout"], rows, seed, actors.get)
     samples = [s for part in parts for s in part.value]
-    rollout = assemble_rollout(samples, texts, pad_id)
+    rollout = assemble_rollout(
+        samples, texts, pad_id, None if columns is None else [c for c in columns for _ in range(n)]
+    )
     (reward,) = actors.actors["reward"]
-    scores = actors.get(reward.score.remote(rollout), "reward").value
+    scores = actors.get(reward.score.remote(rollout), "reward").value.scores  # 0 if invalid
     return select_best(samples, prompts, scores, n)  # fmt: skip
 
 
@@ -88,8 +91,7 @@ def _start(cfg: TrainConfig, actors: ActorSet) -> None:
         lambda i: (cfg.policy.model_path, ro, cfg.seed, i),
     )  # fmt: skip
     actors.start_one(
-        "reward", RewardWorker, rw.resources, rw.model_path, rw.rule, rw.micro_batch_size,
-        threads_for(rw.resources),
+        "reward", RewardWorker, rw.resources, rw, threads_for(rw.resources), cfg.policy.model_path,
     )  # fmt: skip
     actors.wait_ready()
 
@@ -108,7 +110,8 @@ def run_best_of_n(cfg: TrainConfig, n: int, num_prompts: int) -> dict:
     """
     preflight(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model_path)
-    texts, ids = PromptSet.load(cfg.data, tokenizer, cfg.seed).batch(0, num_prompts)
+    drawn = PromptSet.load(cfg.data, tokenizer, cfg.seed, context_limit(cfg)).draw(0, num_prompts)
+    texts, ids = drawn.texts, drawn.ids
     ro, rw = cfg.rollout, cfg.reward
     start_ray(cfg.ray_address, ro.num_engines * ro.resources.num_cpus + rw.resources.num_cpus)
     start = time.perf_counter()
@@ -116,7 +119,7 @@ def run_best_of_n(cfg: TrainConfig, n: int, num_prompts: int) -> dict:
         _start(cfg, actors)
         pick = functools.partial(
             best_of_n_generate, actors, ids, texts, seed=cfg.seed * 1_000_003,
-            pad_id=pad_id(tokenizer),
+            pad_id=pad_id(tokenizer), columns=drawn.columns,
         )  # fmt: skip
         best, one = pick(n=n), pick(n=1)
     report = {

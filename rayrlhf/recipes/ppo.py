@@ -13,6 +13,8 @@ vLLM, so the importance ratio compares like with like; the engine's own logprobs
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +31,7 @@ from rayrlhf.config import TrainConfig, load_config
 from rayrlhf.data.prompts import PromptSet
 from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.recipes.ppo_roles import Roles
+from rayrlhf.runtime.checkpoint import Checkpoints, dataset_fingerprint
 from rayrlhf.runtime.evaluation import Evaluator
 from rayrlhf.runtime.metrics import (
     PhaseTimer,
@@ -37,9 +40,10 @@ from rayrlhf.runtime.metrics import (
     serve_metrics,
     step_record,
 )
-from rayrlhf.runtime.preflight import preflight
-from rayrlhf.runtime.run_dir import write_run_config
-from rayrlhf.types import Experience
+from rayrlhf.runtime.preflight import check_prompts, context_limit, preflight
+from rayrlhf.runtime.run_dir import note_used_run_dir, write_run_config
+from rayrlhf.runtime.stop import EXIT_STOPPED, StopNow, Stopped, StopSignals
+from rayrlhf.types import Experience, Scores, TrainStats
 from rayrlhf.workers.rollout import EngineSample
 
 
@@ -48,13 +52,16 @@ def train(cfg: TrainConfig) -> Path:
     algo, batch = cfg.algorithm, cfg.algorithm.rollout_batch_size
     with Run(cfg) as run:
         roles = run.roles
-        for step in range(cfg.steps):
+        if run.start_step == 0:  # a resumed run has its step -1 record already
+            run.evaluate.at_start(roles, run.log.out.write)  # eval.at_start: a step -1 record
+        for step in run.steps():  # on resume from the checkpoint's; checkpoints, graceful stop
             t = PhaseTimer()
             n = algo.n_samples_per_prompt  # a prompt's n samples are contiguous rows
-            texts, ids = run.prompts.batch(step, batch // n, repeat=n)
+            drawn = run.prompts.draw(step, batch // n, repeat=n)
             with t("generate"):
-                samples = roles.generate(ids, seed=cfg.seed * 1_000_003 + step * batch, timer=t)
-                rollout = assemble_rollout(samples, texts, run.pad_id)
+                seed = cfg.seed * 1_000_003 + step * batch
+                samples = roles.generate(drawn.ids, seed=seed, timer=t)
+                rollout = assemble_rollout(samples, drawn.texts, run.pad_id, drawn.columns)
             with t("score"):
                 scores = roles.score(rollout, t)
             with t("advantage"):
@@ -62,18 +69,20 @@ def train(cfg: TrainConfig) -> Path:
                 exp, rollout_stats = make_experience(rollout, scores, algo, beta, run.moments)
                 if algo.mask_truncated:
                     exp = overlong_filter(exp, samples)
+                exp = invalid_filter(exp, scores)
                 norms = loss_norms(
                     exp, cfg.policy.num_ranks, algo.num_mini_batches, cfg.rollout.max_new_tokens
                 )
             with t("train"):
-                policy_stats, critic_stats = roles.train(exp, beta, norms, t)
+                policy_stats, critic_stats = train_unless_empty(roles, exp, beta, norms, t, step)
             with t("sync"):
                 sync = roles.sync_weights()
             run.kl_ctl.update(rollout_stats.kl, n_steps=len(rollout))
             evals = run.evaluate(roles, step)  # {} unless eval.every_steps makes it due
             run.record(
-                step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta, evals
-            )
+                step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta,
+                reward_record(scores) | evals,
+            )  # fmt: skip
         run.finish()
     return run.dir
 
@@ -83,6 +92,32 @@ def overlong_filter(exp: Experience, samples: list[EngineSample]) -> Experience:
     no loss and count in no normaliser (`loss_norms` reads the mask)."""
     keep = torch.tensor([not s.truncated for s in samples], dtype=exp.action_mask.dtype)
     return replace(exp, action_mask=exp.action_mask * keep[:, None])
+
+
+def invalid_filter(exp: Experience, scores: Scores) -> Experience:
+    """Samples without a valid reward (a None, NaN or inf score) leave the action mask, as the
+    overlong filter's do: no loss, no normaliser."""
+    if scores.reward is None or scores.reward.valid.all():
+        return exp
+    keep = scores.reward.valid.to(exp.action_mask.dtype)
+    return replace(exp, action_mask=exp.action_mask * keep[:, None])
+
+
+def reward_record(scores: Scores) -> dict[str, float]:
+    """reward/invalid (count) and reward/<extra> (mean over valid samples) of the step."""
+    if scores.reward is None:
+        return {}
+    return {f"reward/{k}": v for k, v in scores.reward.summary().items()}
+
+
+def train_unless_empty(roles: Roles, exp, beta, norms, timer, step) -> tuple[TrainStats, ...]:
+    """`Roles.train`, or no update (zero stats, a warning) when no action token is left, e.g.
+    every sample's reward was invalid."""
+    if exp.action_mask.sum().item() > 0:
+        return roles.train(exp, beta, norms, timer)
+    print(f"warning: step {step}: no sample left to train on (all rewards invalid or every "
+          "response masked); the update is skipped", flush=True)  # fmt: skip
+    return TrainStats(loss=0.0), TrainStats(loss=0.0)
 
 
 class Run:
@@ -96,15 +131,24 @@ class Run:
         preflight(cfg)
         tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model_path)
         self.pad_id = pad_id(tokenizer)  # Llama-3 and Mistral tokenizers have no pad token
-        self.prompts = PromptSet.load(cfg.data, tokenizer, cfg.seed)
-        self.evaluate = Evaluator(cfg, tokenizer, self.pad_id)
+        self.prompts = PromptSet.load(cfg.data, tokenizer, cfg.seed, context_limit(cfg))
+        self.evaluate = Evaluator(cfg, tokenizer, self.pad_id)  # reads eval data, writes none
         self.cfg = cfg
+        p = self.prompts
+        self.checkpoints = Checkpoints(
+            cfg, Path(cfg.run_dir), dataset_fingerprint(p.texts, p.ids, p.columns)
+        )
+        # Checked before Ray starts and before run_dir is touched: an incompatible checkpoint
+        # is a config error (exit 2) that leaves the run as it was.
+        self.resume_from = self.checkpoints.resume_point() if cfg.resume else None
         self.dir = write_run_config(cfg, cfg.run_dir)
         self.prometheus: PrometheusMetrics | None = None
         self.roles: Roles | None = None
         self.log: StepLog | None = None
         self.kl_ctl = kl_controller(cfg.algorithm)
         self.moments = RunningMoments() if cfg.algorithm.reward_normalize else None
+        self.start_step, self.ledger = 0, list[list[int]]()
+        self.stop = StopSignals()
 
     def __enter__(self) -> Run:
         try:
@@ -122,6 +166,7 @@ class Run:
         if cfg.metrics.prometheus:
             self.prometheus = serve_metrics(cfg.metrics)
         start_ray(cfg.ray_address, cpus_needed(cfg))
+        self.stop.install()  # after ray.init, which installs a SIGTERM handler that aborts
         print(
             f"starting roles: policy x{cfg.policy.num_ranks} (ZeRO-3), "
             + (f"critic x{cfg.active_critic.num_ranks} (ZeRO-3), " if cfg.active_critic else "")
@@ -131,7 +176,54 @@ class Run:
         )
         self.roles = Roles(cfg)
         print(f"weight sync: {self.roles.transport}", flush=True)
+        if cfg.resume:
+            self._resume()
         self.log = StepLog(self.dir, cfg.steps, tensorboard=cfg.metrics.tensorboard)
+
+    def _resume(self) -> None:
+        """Load the checkpoint found at start-up into the ranks, the engines and the driver; its
+        records replace run_dir's (records after its step are dropped, then appended to)."""
+        path = self.resume_from
+        if path is None:
+            self.checkpoints.reset_records(None)
+            print(f"resume: no complete checkpoint in {self.dir}; starting at step 1", flush=True)
+            return
+        state = self.checkpoints.restore(path, self.roles)
+        self.start_step, self.ledger = state["step"], state["ledger"]
+        vars(self.kl_ctl).update(state["kl"])
+        if self.moments is not None:
+            vars(self.moments).update(state["moments"])
+        print(f"resumed from {path} (step {self.start_step}/{self.cfg.steps} done)", flush=True)
+
+    def steps(self):
+        """The loop's step indices, from 0 or a resumed checkpoint's step. After each step: its
+        prompts join the ledger, a checkpoint is written when due, and a signal's graceful stop
+        (a checkpoint, then `Stopped`) happens."""
+        algo = self.cfg.algorithm
+        size = algo.rollout_batch_size // algo.n_samples_per_prompt
+        for step in range(self.start_step, self.cfg.steps):
+            if self.stop.requested:  # before this launch's first step: nothing new to save
+                raise Stopped(self._stop_line(step, self.resume_from))
+            yield step
+            self.ledger.append(self.prompts.indices(step, size))
+            with (self.dir / "ledger.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, "prompts": self.ledger[-1]}) + "\n")
+            if self.checkpoints.due(step + 1) or self.stop.requested:
+                path = self.checkpoints.save(step + 1, self.roles, self._state())
+                print(f"checkpoint: {path}", flush=True)
+                if self.stop.requested:
+                    raise Stopped(self._stop_line(step + 1, path))
+
+    def _state(self) -> dict:
+        """The driver's part of a checkpoint (`Checkpoints.save` adds the step and the RNGs)."""
+        moments = vars(self.moments) if self.moments is not None else None
+        return {"kl": vars(self.kl_ctl), "moments": moments, "ledger": self.ledger}
+
+    def _stop_line(self, steps_done: int, path) -> str:
+        return (
+            f"rayrlhf: stopped by {self.stop.requested} after step {steps_done}; "
+            f"checkpoint: {path or 'none'}; resume with --resume"
+        )
 
     def record(
         self, step, rollout_stats, policy_stats, critic_stats, sync, timer, samples, beta, evals
@@ -172,15 +264,27 @@ class Run:
             self.prometheus.close()
         if self.log is not None:
             self.log.close()
+        self.stop.restore()
 
 
-def main(config: str | None, overrides: list[str]) -> None:
-    """`rayrlhf train`."""
-    train(load_config(config, overrides))
+def main(config: str | None, overrides: list[str], resume: bool = False) -> int:
+    """`rayrlhf train`: exit 0 when done, EXIT_STOPPED (3) after a signal's graceful stop (a
+    checkpoint was written), 128 + the signal after a second signal (none was)."""
+    try:
+        train(load_config(config, [*overrides, *(["resume=true"] if resume else [])]))
+    except Stopped as stop:
+        print(stop, file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    except StopNow as stop:
+        print(f"rayrlhf: {stop}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    return 0
 
 
 def check_config(config: str | None, overrides: list[str]) -> None:
     """`rayrlhf check-config`: validate, run the pre-flight checks, print the resolved config."""
     cfg = load_config(config, overrides)
     preflight(cfg)
+    check_prompts(cfg)
     print(cfg.model_dump_json(indent=2))
+    note_used_run_dir(cfg)

@@ -21,6 +21,7 @@ from rayrlhf.config import RankGroupConfig, TrainConfig
 from rayrlhf.types import (
     Experience,
     LossNorm,
+    RewardOutput,
     Rollout,
     Sample,
     Scores,
@@ -89,8 +90,8 @@ class Roles:
             ref.micro_batch_size, threads_for(ref.resources),
         )  # fmt: skip
         self.reward = actors.start_one(
-            "reward", RewardWorker, rw.resources, rw.model_path, rw.rule, rw.micro_batch_size,
-            threads_for(rw.resources),
+            "reward", RewardWorker, rw.resources, rw, threads_for(rw.resources),
+            cfg.policy.model_path,
         )  # fmt: skip
         self.engines = actors.start_engines(
             "rollout", RolloutEngine, ro, lambda i: (cfg.policy.model_path, ro, seed, i)
@@ -140,14 +141,15 @@ class Roles:
         )
         values = [o.value for o in out]
         return Scores(
-            rewards=values[0],
+            rewards=values[0].scores,
             ref_logprobs=values[1],
             old_logprobs=torch.cat(values[2 : 2 + n]),
             values=torch.cat(values[2 + n :]) if crt else torch.zeros_like(rollout.action_mask),
+            reward=values[0],
         )
 
-    def rewards(self, rollout: Rollout) -> torch.Tensor:
-        """[B] rewards of `rollout` from the reward actor alone (evaluation)."""
+    def rewards(self, rollout: Rollout) -> RewardOutput:
+        """The reward of `rollout` from the reward actor alone (evaluation)."""
         return self.get(self.reward.score.remote(rollout), "eval").value
 
     def train(
@@ -174,6 +176,22 @@ class Roles:
 
     def save_policy(self, path: str) -> None:
         self.get([a.save.remote(path) for a in self.policy], "save")
+
+    def save_checkpoint(self, path: str) -> None:
+        """Every ZeRO-3 rank writes its state under path/policy and path/critic."""
+        calls = [a.save_checkpoint.remote(f"{path}/policy") for a in self.policy]
+        calls += [a.save_checkpoint.remote(f"{path}/critic") for a in self.critic]
+        self.get(calls, "checkpoint")
+
+    def load_checkpoint(self, path: str, steps_done: int) -> None:
+        """Load what `save_checkpoint` wrote into every rank, then sync the engines (they
+        started from model_path's weights); later syncs hash the bytes when an uninterrupted
+        run's would."""
+        calls = [a.load_checkpoint.remote(f"{path}/policy") for a in self.policy]
+        calls += [a.load_checkpoint.remote(f"{path}/critic") for a in self.critic]
+        self.get(calls, "resume")
+        self.sync.sync(hash_bytes=True)
+        self.sync._syncs = steps_done  # the count `verify_every` reads
 
     def shutdown(self) -> None:
         """Kill every actor and release the role groups' reservations."""

@@ -1,74 +1,131 @@
-"""Reward role: a frozen HF scalar reward model, a rule `module:function`, or their sum."""
+"""Reward role: the weighted sum of a frozen HF scalar reward model, reward functions
+(`reward.rule`, `reward.rules`) and a remote scorer (`reward.remote`), per the contract of
+`rayrlhf.workers.reward_fns`.
+
+The reward model reads the policy's token ids when its tokenizer is the policy's (same
+vocabulary). Otherwise each sample is decoded to (prompt text, response text) and re-encoded with
+the reward model's own tokenizer: through its chat template (user turn, assistant turn) if it has
+one, else as the concatenated text with its special tokens. The prompt text is the policy's
+rendered prompt (`Rollout.prompts`).
+"""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
+import asyncio
 
 import torch
+from transformers import AutoTokenizer
 
+from rayrlhf.config import RewardConfig
 from rayrlhf.models.forward import sequence_scores
 from rayrlhf.models.frozen import load_frozen
-from rayrlhf.types import Rollout, micro_batches, timed
+from rayrlhf.models.tokenizer import pad_id
+from rayrlhf.types import RewardOutput, Rollout, pad_rows, timed
+from rayrlhf.workers.reward_fns import (
+    RewardFn,
+    TermScores,
+    combine,
+    load_reward_fn,
+    score_terms,
+)
 
-RuleFn = Callable[[list[str], list[str]], list[float]]
+MODEL_SPEC = "reward.model_path"
+"""How the reward model's term is named in errors and term lists."""
 
 
-def resolve_rule(spec: str) -> RuleFn:
-    """Import `module:function`; a clear error if either part is missing."""
-    module_name, _, fn_name = spec.partition(":")
+def resolve_rule(spec: str) -> RewardFn:
+    """Import `module:function`; a clear ValueError if either part is missing (pre-flight)."""
     try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward.rule {spec!r} cannot be loaded: {err}") from None
-    if not callable(fn):
-        raise ValueError(f"reward.rule {spec!r} is not callable")
-    return fn
+        return load_reward_fn(spec)
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+
+
+class RetokenizedRM:
+    """A reward model whose tokenizer differs from the policy's: scores decoded text."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+        self.pad_id = pad_id(tokenizer)
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        """The reward model's ids of one (prompt, response)."""
+        tok = self.tokenizer
+        if not self.templated:
+            return tok(prompt + response, add_special_tokens=True)["input_ids"]
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = tok.apply_chat_template(turns, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def batch(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, T'] ids, [B, T'] mask) in the reward model's vocabulary, right-padded."""
+        ids = [self.encode(p, r) for p, r in zip(rollout.prompts, rollout.responses)]
+        return pad_rows(ids, self.pad_id, left=False), pad_rows(
+            [[1] * len(i) for i in ids], 0, False
+        )
 
 
 class RewardWorker:
-    """Scores whole sequences; one float per rollout row."""
+    """Scores whole sequences: one `RewardOutput` per rollout."""
 
-    def __init__(
-        self, model_path: str | None, rule: str | None, micro_batch_size: int, num_threads: int
-    ) -> None:
+    def __init__(self, cfg: RewardConfig, num_threads: int, policy_path: str | None = None) -> None:
         torch.set_num_threads(num_threads)
+        self.cfg, self.micro_batch_size = cfg, cfg.micro_batch_size
         # On its GPU, split over its GPUs if the bundle holds several, or on the CPU.
-        self.model = load_frozen("reward", model_path) if model_path is not None else None
-        self.rule = resolve_rule(rule) if rule else None
-        self.micro_batch_size = micro_batch_size
+        self.model = load_frozen("reward", cfg.model_path) if cfg.model_path else None
+        self.retokenize = (
+            own_tokenizer(cfg.model_path, policy_path) if cfg.model_path and policy_path else None
+        )
+        self.fns = [load_reward_fn(r.fn, r.weight) for r in cfg.all_rules()]
+        if cfg.remote is not None:
+            from rayrlhf.workers.reward_client import RemoteReward
+
+            self.fns.append(RewardFn(cfg.remote.url, RemoteReward(cfg.remote), cfg.remote.weight))
+        # One loop for the actor's life: an async client may keep connections bound to it.
+        self.loop = asyncio.new_event_loop()
 
     @timed
     @torch.no_grad()
-    def score(self, rollout: Rollout) -> torch.Tensor:
-        """[B] rewards: model score plus rule score. NaN or inf stops the run with the row."""
-        total = torch.zeros(len(rollout))
+    def score(self, rollout: Rollout) -> RewardOutput:
+        """The weighted reward of every row, its validity and the functions' extras."""
+        terms = []
         if self.model is not None:
-            total += torch.cat(
-                [
-                    sequence_scores(self.model, mb.sequences, mb.attention_mask).cpu()
-                    for mb in micro_batches(rollout, self.micro_batch_size)
-                ]
+            terms.append(
+                (MODEL_SPEC, self.cfg.model_weight, TermScores(self.model_scores(rollout), {}))
             )
-            _check(total, rollout, "reward model")
-        if self.rule is not None:
-            rule = torch.tensor(
-                self.rule(list(rollout.prompts), list(rollout.responses)), dtype=torch.float32
-            )
-            if rule.shape != (len(rollout),):
-                raise ValueError(
-                    f"reward rule returned shape {tuple(rule.shape)}, expected ({len(rollout)},)"
-                )
-            _check(rule, rollout, "reward rule")
-            total += rule
-        return total
+        if self.fns:
+            calls = score_terms(self.fns, rollout.prompts, rollout.responses, rollout.rows)
+            scores = self.loop.run_until_complete(calls)
+            terms += [(f.spec, f.weight, s) for f, s in zip(self.fns, scores)]
+        return combine(terms)
 
-
-def _check(scores: torch.Tensor, rollout: Rollout, source: str) -> None:
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        i = bad[0]
-        raise FloatingPointError(
-            f"{source} gave {scores[i].item()} for {len(bad)} row(s); first: prompt "
-            f"{rollout.prompts[i]!r}, response {rollout.responses[i]!r}"
+    def model_scores(self, rollout: Rollout) -> torch.Tensor:
+        """[B] reward-model scores, on the policy's ids or re-encoded ones."""
+        seqs, mask = self.encoded(rollout)
+        size = self.micro_batch_size
+        return torch.cat(
+            [
+                sequence_scores(self.model, seqs[i : i + size], mask[i : i + size]).cpu()
+                for i in range(0, len(seqs), size)
+            ]
         )
+
+    def encoded(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (ids, mask) the reward model reads for `rollout` (for tests and debugging)."""
+        if self.retokenize is not None:
+            return self.retokenize.batch(rollout)
+        return rollout.sequences, rollout.attention_mask
+
+
+def own_tokenizer(model_path: str, policy_path: str) -> RetokenizedRM | None:
+    """A `RetokenizedRM` if the reward model's tokenizer maps tokens to ids differently from
+    the policy's; None if they agree (or the reward model has no tokenizer of its own)."""
+    try:
+        rm_tok = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None  # no tokenizer saved with it: it reads the policy's ids
+    if rm_tok.get_vocab() == AutoTokenizer.from_pretrained(policy_path).get_vocab():
+        return None
+    print(f"reward model {model_path}: own tokenizer; responses are re-encoded for it", flush=True)
+    return RetokenizedRM(rm_tok)

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from rayrlhf.cli import main
+from rayrlhf.config import RewardConfig
 from rayrlhf.data.demo_task import demo_prompts
 from rayrlhf.data.reward_pairs import load_reward_pairs
 from rayrlhf.runtime.gold_eval import greedy_gold_score
@@ -42,7 +43,7 @@ def _records(run: Path) -> list[dict]:
 
 def _rollout(seqs: torch.Tensor, attn: torch.Tensor) -> Rollout:
     n = len(seqs)
-    return Rollout(seqs, attn, torch.ones(n, 1), torch.zeros(n, 1), ("",) * n, ("",) * n)
+    return Rollout(seqs, attn, torch.ones(n, 1), torch.zeros(n, 1), ("",) * n, ("",) * n, ({},) * n)
 
 
 def test_reward_model_learns_held_out_preferences(local_ray, tiny_models, tmp_path):
@@ -62,14 +63,14 @@ def test_reward_model_learns_held_out_preferences(local_ray, tiny_models, tmp_pa
     assert steps[-1]["rm/loss"] < steps[0]["rm/loss"] / 2
 
     # The PPO reward role loads the saved model unchanged and ranks held-out pairs the same way.
-    worker = RewardWorker(str(run / "model"), None, micro_batch_size=50, num_threads=1)
+    worker = RewardWorker(RewardConfig(model_path=str(run / "model"), micro_batch_size=50), 1)
     tok = AutoTokenizer.from_pretrained(run / "model")
     pairs = load_reward_pairs(run / "data/eval.jsonl", tok, 64)
     batch = pairs.batch(list(range(len(pairs))))
     chosen = worker.score(_rollout(batch.chosen_sequences, batch.chosen_attention_mask)).value
     rejected = worker.score(_rollout(batch.rejected_sequences, batch.rejected_attention_mask))
     assert len(pairs) == 100
-    assert (chosen > rejected.value).float().mean().item() >= 0.9
+    assert (chosen.scores > rejected.value.scores).float().mean().item() >= 0.9
 
 
 def test_sft_learns_the_demonstration_format(local_ray, tiny_models, tmp_path):

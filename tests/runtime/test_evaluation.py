@@ -4,6 +4,9 @@ which prompts it holds (checked before Ray starts)."""
 from __future__ import annotations
 
 import json
+import math
+import sys
+import types
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from rayrlhf.config import ConfigError, load_config
 from rayrlhf.data.jsonl import DataError
 from rayrlhf.data.prompts import PromptSet
 from rayrlhf.runtime.evaluation import Evaluator, eval_record, load_eval_prompts
-from rayrlhf.types import Sample
+from rayrlhf.types import RewardOutput, Sample
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,11 @@ def tok(tiny_models):
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
     tok.chat_template = None  # the raw-text path; the template's rules are tests/data's
     return tok
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's relative run_dir (eval_samples.jsonl) lands here
 
 
 def _cfg(*overrides):
@@ -39,7 +47,10 @@ class FakeRoles:
         return [Sample(list(p), [7] * k, [0.0] * k, "x" * k) for p, k in zip(prompt_ids, n)]
 
     def rewards(self, rollout):
-        return torch.arange(len(rollout), dtype=torch.float32)
+        n = len(rollout)
+        return RewardOutput(
+            torch.arange(n, dtype=torch.float32), torch.ones(n, dtype=torch.bool), {}
+        )
 
 
 def test_off_by_default_loads_nothing_and_is_never_due(tok):
@@ -108,3 +119,52 @@ def test_a_bad_eval_row_names_file_and_line_when_the_run_is_built(tok, tmp_path)
     path.write_text('{"prompt": "Describe the sea:"}\n{"prompt": ""}\n')
     with pytest.raises(DataError, match=rf"{path}:2: 'prompt' is empty"):
         Evaluator(_cfg("eval.every_steps=5", f"eval.prompts={path}"), tok, 0)
+
+
+def test_at_start_writes_the_starting_policy_as_step_minus_one(tok, capsys):
+    ev = Evaluator(_cfg("eval.at_start=true", "eval.num_prompts=3"), tok, pad_id=0)
+    roles, written = FakeRoles(), []
+    rec = ev.at_start(roles, written.append)
+    assert written == [rec] and rec["step"] == -1  # plotted at 0 steps done
+    assert rec["eval/reward_mean"] == pytest.approx(1.0) and rec["eval/num_prompts"] == 3
+    assert "eval before PPO | reward +1.000" in capsys.readouterr().out
+    assert not any(ev.due(s) for s in range(50))  # every_steps 0: the only evaluation
+    off = Evaluator(_cfg("eval.every_steps=2"), tok, pad_id=0)
+    assert off.at_start(roles, written.append) == {} and len(written) == 1
+
+
+def _gold(prompts, responses, rows):
+    """Scores len/10 with an extra `long`; sample 0 unscored (None)."""
+    _gold.seen = (list(prompts), list(responses), list(rows))
+    out = [{"score": len(r) / 10, "long": float(len(r) >= 2)} for r in responses]
+    return [None, *out[1:]]
+
+
+def test_gold_scores_the_same_eval_responses_beside_the_proxy(tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gold_fixture", types.SimpleNamespace(gold=_gold))
+    ev = Evaluator(
+        _cfg("eval.every_steps=1", "eval.num_prompts=6", "eval.gold=gold_fixture:gold"), tok, 0
+    )
+    rec = ev(FakeRoles(), 0)
+    prompts, responses, rows = _gold.seen
+    assert prompts == ev.prompts.texts and rows == [{}] * 6  # the eval set, with its columns
+    assert responses == ["x", "xx", "xxx", "x", "xx", "xxx"]  # the proxy's responses
+    assert rec["eval/reward_mean"] == pytest.approx(2.5)  # the proxy, untouched by the gold
+    assert rec["eval/gold"] == pytest.approx((2 + 3 + 1 + 2 + 3) / 50)  # sample 0 left out
+    assert rec["eval/gold/long"] == pytest.approx(4 / 5)
+    assert rec["eval/gold/invalid"] == 1
+    lines = [json.loads(x) for x in open("runs/tiny-ppo/eval_samples.jsonl")]
+    assert [r["response"] for r in lines] == responses and lines[0]["gold"] is None
+    assert [r["step"] for r in lines] == [1] * 6 and lines[2]["gold"] == pytest.approx(0.3)
+    assert lines[5]["reward"] == 5.0
+
+
+def test_a_gold_spec_that_does_not_load_fails_when_the_run_is_built(tok):
+    with pytest.raises(RuntimeError, match="reward function 'no_such_module:fn'"):
+        Evaluator(_cfg("eval.every_steps=1", "eval.gold=no_such_module:fn"), tok, 0)
+
+
+def test_without_gold_no_gold_keys_are_logged(tok):
+    rec = Evaluator(_cfg("eval.every_steps=1", "eval.num_prompts=2"), tok, 0)(FakeRoles(), 0)
+    assert not any(k.startswith("eval/gold") for k in rec)
+    assert math.isfinite(rec["eval/reward_mean"])

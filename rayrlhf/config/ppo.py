@@ -1,125 +1,17 @@
-"""Typed run configuration: one pydantic model per component, validated before Ray starts.
-
-A run is a YAML recipe from `configs/` plus `--set section.key=value` overrides. Every model
-forbids unknown keys, so a typo is an error naming the field, never a silently ignored setting.
-Each field's docstring is its documentation (`rayrlhf train --help-config` prints them).
-"""
+"""The PPO run's sections (`rayrlhf train`): one model per component, and `TrainConfig`."""
 
 from __future__ import annotations
 
-import importlib.resources
-import re
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
+
+from rayrlhf.config.base import CriticConfig, PolicyConfig, RayRunConfig, Resources, Section
+from rayrlhf.config.loading import load_recipe
+from rayrlhf.config.rewards import RewardConfig
 
 DEFAULT_CONFIG = "tiny-cpu.yaml"
-M = TypeVar("M", bound=BaseModel)
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message names the field."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class Resources(Section):
-    num_cpus: float = Field(1.0, gt=0)
-    """Logical CPUs reserved per actor of this role (its placement-group bundle)."""
-    num_gpus: float = Field(0.0, ge=0)
-    """GPUs reserved per actor of this role; 0 on a CPU-only machine."""
-    custom: dict[str, float] = {}
-    """Extra Ray custom resources per actor, e.g. {"rollout_node": 1} to pin a node type."""
-
-
-class RankGroupConfig(Section):
-    """A DeepSpeed ZeRO-3 trainer group: its model, its ranks and how they step."""
-
-    model_path: str
-    """HF directory of the model the group trains."""
-    num_ranks: int = Field(1, ge=1)
-    """DeepSpeed ZeRO-3 data-parallel ranks, one Ray actor each."""
-    micro_batch_size: int = Field(4, ge=1)
-    """Examples per rank per forward/backward pass (sequences; pairs for DPO and the RM)."""
-    lr: float = Field(1e-4, gt=0)
-    """AdamW learning rate."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    grad_clip: float = Field(1.0, gt=0)
-    """Global gradient-norm clip."""
-    resources: Resources = Resources()
-    """Resources of each rank's actor."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer's activations in the backward pass (non-reentrant
-    checkpointing): activation memory falls from every layer's to each layer's input plus one
-    layer's, for about a third more compute. The GPU recipes need it at their lengths."""
-    offload_optimizer: bool = False
-    """Keep the fp32 master weights, fp32 gradients and Adam states (16 bytes a parameter, over
-    the ranks) in host memory and step on the CPU (DeepSpeed ZeRO-Offload): frees most of a
-    rank's GPU memory for a slower optimizer step."""
-    offload_params: bool = False
-    """Also keep the bf16 parameter partitions in host memory between uses (ZeRO-Infinity, to
-    CPU): for weights that do not fit even sharded; every forward then reads them over PCIe."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning rate after the warm-up: 'constant' stays at lr; 'linear' and 'cosine' decay it
-    to lr_min_ratio x lr at optimizer step lr_total_steps (and hold it there)."""
-    lr_warmup_steps: int = Field(0, ge=0)
-    """Optimizer steps of linear warm-up: step k of them (from 1) uses lr x k / lr_warmup_steps;
-    0 starts at lr."""
-    lr_total_steps: int | None = Field(None, ge=1)
-    """Optimizer steps the schedule spans, warm-up included; 'linear' and 'cosine' need it. PPO
-    takes steps x ppo_epochs x num_mini_batches optimizer steps; SFT, RM and DPO one a batch."""
-    lr_min_ratio: float = Field(0.0, ge=0, le=1)
-    """Where 'linear' and 'cosine' end, as a fraction of lr."""
-
-    @model_validator(mode="after")
-    def _lr_schedule(self) -> RankGroupConfig:
-        total, warmup = self.lr_total_steps, self.lr_warmup_steps
-        if self.lr_schedule != "constant" and total is None:
-            raise ValueError(
-                f"lr_schedule={self.lr_schedule} decays over lr_total_steps: set it (PPO: "
-                "steps x algorithm.ppo_epochs x algorithm.num_mini_batches)"
-            )
-        if total is not None and warmup > total:
-            raise ValueError(f"lr_warmup_steps={warmup} is more than lr_total_steps={total}")
-        return self
-
-
-class PolicyConfig(RankGroupConfig):
-    """The policy trainer; model_path is the initial policy (and the reference model unless
-    reference.model_path is set)."""
-
-
-class CriticConfig(RankGroupConfig):
-    """The value-model trainer; model_path is a one-label token-classification model."""
-
-
-class RunConfig(Section):
-    """What every command's run has: where it writes and how it is seeded."""
-
-    run_dir: str
-    """Output directory: config.yaml, metrics.jsonl and what the command trains or reports."""
-    seed: int = 0
-    """Seed for data order, sampling, initialisation and synthetic data."""
-    make_tiny_models: str | None = None
-    """Demo only: build the tiny models into this directory first if they are absent."""
-
-
-class RayRunConfig(RunConfig):
-    """A run on Ray: which cluster, and how long any wait on it may last."""
-
-    ray_address: str | None = None
-    """Ray cluster address; None joins the job's cluster or starts a local one."""
-    phase_timeout_s: float = Field(900.0, gt=0)
-    """Longest wait for one phase (start-up, generate, score, train, sync, eval, save) before
-    stopping with an error that names it."""
-    placement_timeout_s: float = Field(60.0, gt=0)
-    """Longest wait to reserve a role's resources before failing with what is missing."""
 
 
 class ReferenceConfig(Section):
@@ -129,25 +21,6 @@ class ReferenceConfig(Section):
     """Sequences per forward pass."""
     resources: Resources = Resources()
     """Resources of the reference actor."""
-
-
-class RewardConfig(Section):
-    model_path: str | None = None
-    """HF directory of a one-label sequence-classification reward model."""
-    rule: str | None = None
-    """A rule reward `module:function(prompts, responses) -> list[float]`, added to the model's."""
-    micro_batch_size: int = Field(16, ge=1)
-    """Sequences per reward-model forward pass."""
-    resources: Resources = Resources()
-    """Resources of the reward actor."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> RewardConfig:
-        if self.model_path is None and self.rule is None:
-            raise ValueError("set reward.model_path, reward.rule, or both")
-        if self.rule is not None and ":" not in self.rule:
-            raise ValueError(f"reward.rule must look like 'module:function', got {self.rule!r}")
-        return self
 
 
 class RolloutConfig(Section):
@@ -224,6 +97,26 @@ class EvalConfig(Section):
     """Prompts per evaluation: the first N of eval.prompts (all of them if fewer)."""
     greedy: bool = True
     """Greedy responses; false samples them as training does (seeded by the step)."""
+    at_start: bool = False
+    """Also evaluate the starting policy before the first PPO step: a record of eval/* alone
+    with step -1 (plotted and reported at 0 steps done, "before PPO"). Works with every_steps
+    0 too (then the only evaluation)."""
+    gold: str | None = None
+    """A 'module:function' reward function (the reward contract: prompts, responses, rows ->
+    floats or dicts with a score and extras) that scores the same eval responses as the
+    training reward, for evaluation only (it never trains): eval/gold and eval/gold/<extra>.
+    With a learned reward model as the proxy, gold falling while eval/reward_mean rises is
+    reward hacking (the pipeline report warns)."""
+
+
+class CheckpointConfig(Section):
+    """Checkpoints of a PPO run in run_dir/checkpoints/step_N/ (`rayrlhf.runtime.checkpoint`)."""
+
+    every_steps: int = Field(0, ge=0)
+    """Write a checkpoint after every N-th step (N, 2N, ...); 0 turns periodic checkpoints off
+    (a SIGTERM or SIGINT still writes one before the run stops)."""
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
 
 
 # Each algorithm choice's names, declared once. The registries in rayrlhf/algorithms/ that
@@ -380,7 +273,7 @@ class TrainConfig(RayRunConfig):
     reference: ReferenceConfig = ReferenceConfig()
     """The frozen reference model for the KL penalty."""
     reward: RewardConfig
-    """The reward: an HF scalar model, a rule, or both."""
+    """The reward: a weighted sum of a reward model, reward functions and a reward server."""
     rollout: RolloutConfig = RolloutConfig()
     """The vLLM rollout engines."""
     data: DataConfig = DataConfig()
@@ -393,6 +286,10 @@ class TrainConfig(RayRunConfig):
     """Prometheus endpoint, TensorBoard event files and run-report plots."""
     eval: EvalConfig = EvalConfig()
     """Evaluation on held-out prompts during training (off by default)."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Periodic checkpoints for exact resume (off by default)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in run_dir (`rayrlhf train --resume`)."""
 
     @model_validator(mode="after")
     def _batches_divide(self) -> TrainConfig:
@@ -422,60 +319,6 @@ class TrainConfig(RayRunConfig):
         return self.critic if self.algorithm.needs_critic else None
 
 
-def set_dotted(tree: dict, dotted: str, value: object) -> None:
-    keys = dotted.split(".")
-    for key in keys[:-1]:
-        node = tree.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
-        tree = node
-    tree[keys[-1]] = value
-
-
-def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
-    """Turn `a.b=value` strings into (path, value), parsing the value as YAML (1e-5, true, null)."""
-    out = []
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects section.key=value, got {pair!r}")
-        value = yaml.safe_load(raw)
-        if isinstance(value, str) and _SCIENTIFIC.match(value):  # YAML 1.1 reads 1e-5 as text
-            value = float(value)
-        out.append((key.strip(), value))
-    return out
-
-
-def load_recipe(model: type[M], default: str, path: str | Path | None, overrides=()) -> M:
-    """Load a YAML recipe (default: the embedded `configs/<default>`), apply `--set` overrides,
-    validate it as `model`. Every command (train, sft, rm, dpo, pipeline) loads through here."""
-    if path is None:
-        text = importlib.resources.files("rayrlhf").joinpath("configs", default).read_text()
-    else:
-        text = Path(path).read_text()
-    tree = yaml.safe_load(text) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    for key, value in parse_overrides(list(overrides)):
-        set_dotted(tree, key, value)
-    try:
-        return model.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Load a PPO recipe (default: the embedded tiny CPU one), apply overrides, validate."""
     return load_recipe(TrainConfig, DEFAULT_CONFIG, path, overrides)
-
-
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, each naming the dotted field path."""
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(
-            f"{field}: {msg}" if e["type"] != "extra_forbidden" else f"{field}: unknown key"
-        )
-    return "invalid config:\n  " + "\n  ".join(lines)
