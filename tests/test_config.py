@@ -384,6 +384,12 @@ def test_data_eval_and_metrics_defaults():
     assert cfg.metrics.tensorboard is True
 
 
+@pytest.mark.parametrize("word", ["on", "off"])
+def test_a_bare_on_or_off_is_the_chat_template_mode_not_a_boolean(word):
+    # YAML 1.1 reads `off` as False; the mode must still be the word the user wrote.
+    assert load_config(None, [f"data.chat_template={word}"]).data.chat_template == word
+
+
 @pytest.mark.parametrize(
     "override, field",
     [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rayrlhf.config.base import CriticConfig, PolicyConfig, RayRunConfig, Resources, Section
 from rayrlhf.config.loading import load_recipe
@@ -82,6 +82,12 @@ class DataConfig(Section):
     and counted ('skip')."""
     num_demo_prompts: int = Field(512, ge=1)
     """Prompts generated when `prompts` is 'demo'."""
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare on/off as a boolean, in recipes and in --set alike.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class EvalConfig(Section):
