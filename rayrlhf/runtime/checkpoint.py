@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rayrlhf.config import ConfigError, TrainConfig
+from rayrlhf.models.saving import fsync_path, fsync_tree
 from rayrlhf.workers.deepspeed_role import UnsafePickleError, safe_torch_load
 
 FORMAT = 1
@@ -90,30 +90,18 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(tmp: Path, info: dict) -> None:
     """fsync every file under `tmp`, then write its manifest (`info` plus each file's sha256
     and size), fsynced, last."""
-    files = {}
-    for path in _files(tmp):
-        _fsync(path)
-        files[str(path.relative_to(tmp))] = {
-            "sha256": sha256_file(path),
-            "size": path.stat().st_size,
-        }
-    for d in sorted({p.parent for p in _files(tmp)} | {tmp}):
-        _fsync(d)
+    fsync_tree(tmp)
+    files = {
+        str(path.relative_to(tmp)): {"sha256": sha256_file(path), "size": path.stat().st_size}
+        for path in _files(tmp)
+    }
     body = {"format": FORMAT, **info, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(body, indent=1))
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
 
 
 def commit(tmp: Path) -> Path:
@@ -122,7 +110,7 @@ def commit(tmp: Path) -> Path:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     return final
 
 
