@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
+from ray._private import ray_constants
+from ray._private.authentication.authentication_token_generator import (
+    generate_new_authentication_token,
+)
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -145,15 +152,68 @@ def address_and_port() -> tuple[str, int]:
     return node_address_and_port()
 
 
+# Ray 2.60 swaps a loopback node address for the machine's own, even one given explicitly
+# (services.resolve_ip_for_localhost), and its servers then listen on all interfaces. In its
+# single-machine mode (meant for macOS and Windows) the node address stays 127.0.0.1 and every
+# server, gRPC, HTTP and metrics alike, binds loopback only.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextmanager
+def loopback_only() -> Iterator[None]:
+    """Ray's single-machine mode for the Ray processes started inside: they inherit the
+    environment; this process read the flag when it imported ray, so it is set here too. Both
+    are restored on exit, so that a later `ray start` from this process can still join nodes."""
+    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def private_token(path: Path) -> None:
+    """Make Ray's auth token file `path` mode 600. A local ray.init writes it with the umask's
+    mode (0644 under 022), readable by every user of the machine, and the token lets its holder
+    run code on the cluster. Where ray.init is about to generate one (token mode, no token given),
+    write it here first, mode 600 (Ray reuses it); a file left wider is tightened."""
+    given = {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys()
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" and not given:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(generate_new_authentication_token())
+    if path.exists() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+
+
 def start_ray(address: str | None, cpus_needed: float) -> None:
     """Join `address`, the Ray job's cluster, or start a local one with a logical CPU for each
-    bundle (more than the cores if need be: each role still gets its own reservation)."""
+    bundle (more than the cores if need be: each role still gets its own reservation). The
+    local one listens on loopback only and its token file is mode 600."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(address=address or "auto")
         return
-    ray.init(num_cpus=max(int(cpus_needed + 0.999), os.cpu_count() or 1), include_dashboard=False)
+    token = Path.home() / ".ray" / "auth_token"
+    private_token(token)
+    with loopback_only():
+        ray.init(
+            num_cpus=max(int(cpus_needed + 0.999), os.cpu_count() or 1), include_dashboard=False
+        )
+    private_token(token)
 
 
 @dataclass(frozen=True)
