@@ -28,16 +28,20 @@ from rayrlhf.cluster.placement import (
     reserve,
     start_zero3_ranks,
 )
-from rayrlhf.cluster.waits import bounded_get
+from rayrlhf.cluster.waits import HangLimits, get_named
 from rayrlhf.config import RankGroupConfig, Resources, RolloutConfig
 
 
 class ActorSet:
     """The actors of one run, by role, with their placement groups."""
 
-    def __init__(self, phase_timeout_s: float, placement_timeout_s: float) -> None:
+    def __init__(
+        self, phase_timeout_s: float, placement_timeout_s: float, hangs: HangLimits | None = None
+    ) -> None:
         self.timeout = phase_timeout_s
         self.placement_timeout = placement_timeout_s
+        self.hangs = hangs or HangLimits(phase_timeout_s)
+        """Each phase's wait limit (fixed at phase_timeout_s unless adaptive)."""
         self.groups: dict[str, list[PlacementGroup]] = {}
         """Each role's placement groups: one, or one per engine for tensor-parallel engines."""
         self.actors: dict[str, list] = {}
@@ -49,8 +53,17 @@ class ActorSet:
         self.shutdown()
 
     def get(self, refs, phase: str):
-        """`ray.get` bounded by the phase time-out, with an error that names the phase."""
-        return bounded_get(refs, self.timeout, phase)
+        """`ray.get` bounded by the phase's limit; a dead, hung or raising actor is a
+        `RoleFailed` naming its role and rank (`waits.get_named`)."""
+        return get_named(refs, phase, self.hangs, self.name_of)
+
+    def name_of(self, actor_id: str | None) -> tuple[str, int]:
+        """(role, rank) of the actor with this id hex (rank: its index within the role)."""
+        for role, actors in self.actors.items():
+            for rank, actor in enumerate(actors):
+                if actor._actor_id.hex() == actor_id:
+                    return role, rank
+        return "an actor", -1
 
     def reserve(
         self, role: str, res: Resources, count: int, strategy: str = "PACK", name: str = ""

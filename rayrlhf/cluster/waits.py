@@ -1,8 +1,61 @@
-"""Bounded waits on actors: a stuck phase becomes an error that names it, never a silent hang."""
+"""Bounded waits on actors: a stuck phase becomes an error that names it, never a silent hang;
+a dead, hung or failing actor becomes a `RoleFailed` that names its role and rank.
+
+A phase's limit adapts to the run (`HangLimits`): once a phase has completed `warmup` times, a
+wait on it may last `factor` times its slowest completed wait (never under `min_s`, never over
+the fixed `max_s`), so a stopped engine is found in about a minute, not after 900 s.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import ray
+
+FailureKind = str
+"""'died' (the actor's process is gone), 'hung' (no answer within the phase's limit) or 'failed'
+(the actor's method raised)."""
+
+
+class RoleFailed(RuntimeError):
+    """An actor of `role` (rank `rank` within it) died, hung or raised during `phase`."""
+
+    def __init__(self, role: str, rank: int, phase: str, kind: FailureKind, cause: str) -> None:
+        super().__init__(f"{role} {rank} {kind} during {phase} ({cause})")
+        self.role, self.rank, self.phase, self.kind, self.cause = role, rank, phase, kind, cause
+
+    @property
+    def restartable(self) -> bool:
+        """A lost or stuck process may work when started again; a method that raised would
+        raise again (a bug or bad input), so a restart would only repeat it."""
+        return self.kind in ("died", "hung")
+
+
+@dataclass
+class HangLimits:
+    """Per-phase wait limits, adapting to each phase's measured time (see the module doc)."""
+
+    max_s: float
+    """The fixed limit (phase_timeout_s): always the ceiling, and the limit until warm-up."""
+    factor: float = 0.0
+    """Multiple of a phase's slowest completed wait; 0 keeps every limit at max_s."""
+    min_s: float = 60.0
+    """The adapted limit is never below this."""
+    warmup: int = 2
+    """Completed waits of a phase before its limit adapts."""
+    seen: dict[str, list[float]] = field(default_factory=dict)
+    """Each phase's completed waits: [count, slowest seconds]."""
+
+    def limit(self, phase: str) -> float:
+        count, slowest = self.seen.get(phase, (0, 0.0))
+        if not self.factor or count < self.warmup:
+            return self.max_s
+        return min(self.max_s, max(self.min_s, self.factor * slowest))
+
+    def observe(self, phase: str, seconds: float) -> None:
+        count, slowest = self.seen.get(phase, (0, 0.0))
+        self.seen[phase] = [count + 1, max(slowest, seconds)]
 
 
 def bounded_get(refs, timeout: float, phase: str):
@@ -14,3 +67,63 @@ def bounded_get(refs, timeout: float, phase: str):
             f"phase '{phase}' did not finish within {timeout}s "
             "(raise phase_timeout_s if the model is that slow)"
         ) from None
+
+
+def get_named(refs, phase: str, limits: HangLimits, name_of):
+    """`ray.get(refs)` within `limits.limit(phase)`; a dead, hung or raising actor becomes a
+    `RoleFailed` naming it (`name_of(actor_id_hex)` -> (role, rank)), with Ray's error chained."""
+    limit, start = limits.limit(phase), time.monotonic()
+    try:
+        out = ray.get(refs, timeout=limit)
+    except ray.exceptions.GetTimeoutError:
+        waiting = _pending(refs)
+        role, rank = name_of(_actor_of(waiting[0])) if waiting else ("an actor", -1)
+        slowest = limits.seen.get(phase, (0, 0.0))[1]
+        cause = f"no answer in {limit:.0f}s" + (
+            f"; its slowest {phase} so far took {slowest:.1f}s" if limit < limits.max_s else ""
+        )
+        raise RoleFailed(role, rank, phase, "hung", cause) from None
+    except ray.exceptions.RayError as err:
+        ref, first = _culprit(refs, err)
+        role, rank = name_of(_actor_of(ref)) if ref is not None else ("an actor", -1)
+        raise RoleFailed(role, rank, phase, *_describe(first)) from first
+    limits.observe(phase, time.monotonic() - start)
+    return out
+
+
+def _as_list(refs) -> list:
+    return list(refs) if isinstance(refs, list | tuple) else [refs]
+
+
+def _pending(refs) -> list:
+    refs = _as_list(refs)
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return pending
+
+
+def _actor_of(ref) -> str | None:
+    actor = ref.task_id().actor_id()
+    return None if actor.is_nil() else actor.hex()
+
+
+def _culprit(refs, err: Exception):
+    """The ref whose error to report, and that error: a dead actor before one that raised,
+    since a rank whose peer died usually fails too (a broken collective) and is not the cause."""
+    found = []
+    for ref in _as_list(refs):
+        ready, _ = ray.wait([ref], timeout=0)
+        if ready:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayError as e:
+                found.append((ref, e))
+    died = [f for f in found if isinstance(f[1], ray.exceptions.RayActorError)]
+    return (died or found or [(None, err)])[0]
+
+
+def _describe(err: Exception) -> tuple[FailureKind, str]:
+    if isinstance(err, ray.exceptions.RayActorError):
+        return "died", "its process exited" if "died" in str(err) else str(err).splitlines()[0]
+    cause = getattr(err, "cause", None) or err
+    last = (str(cause).strip().splitlines() or [""])[-1][:200]
+    return "failed", f"{type(cause).__name__}: {last}" if last else type(cause).__name__

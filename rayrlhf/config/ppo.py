@@ -125,6 +125,25 @@ class CheckpointConfig(Section):
     """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
 
 
+class FaultConfig(Section):
+    """What the driver does about failures (`rayrlhf.runtime.faults`)."""
+
+    max_restarts: int = Field(0, ge=0)
+    """When a role's actor dies or hangs, rebuild every role and go on from the newest
+    complete checkpoint (step 0 without one), at most this many times per launch; 0 stops the
+    run with one line naming the role, rank, phase and step."""
+    hang_factor: float = Field(10.0, gt=1)
+    """A phase is hung once it has run this many times longer than its slowest completed
+    run so far (after `hang_warmup` runs of it); see `hang_min_s`."""
+    hang_min_s: float = Field(60.0, gt=0)
+    """The adaptive hang limit is never below this many seconds (nor above phase_timeout_s)."""
+    hang_warmup: int = Field(2, ge=1)
+    """Completed runs of a phase before its limit adapts; until then phase_timeout_s holds."""
+    max_skipped_steps: int = Field(3, ge=1)
+    """Consecutive optimizer steps skipped for a non-finite loss or gradient before the run
+    stops (the last good checkpoint is kept)."""
+
+
 # Each algorithm choice's names, declared once. The registries in rayrlhf/algorithms/ that
 # implement them are keyed by exactly these names and check so when imported.
 AdvantageName = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
@@ -294,6 +313,8 @@ class TrainConfig(RayRunConfig):
     """Evaluation on held-out prompts during training (off by default)."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Periodic checkpoints for exact resume (off by default)."""
+    fault: FaultConfig = FaultConfig()
+    """Restarts after a dead or hung actor, hang detection, non-finite step budget."""
     resume: bool = False
     """Continue from the newest complete checkpoint in run_dir (`rayrlhf train --resume`)."""
 

@@ -27,12 +27,14 @@ from rayrlhf.algorithms.kl import kl_controller
 from rayrlhf.algorithms.rewards import RunningMoments
 from rayrlhf.cluster.capacity import cpus_needed
 from rayrlhf.cluster.placement import start_ray
+from rayrlhf.cluster.waits import RoleFailed
 from rayrlhf.config import TrainConfig, load_config
 from rayrlhf.data.prompts import PromptSet
 from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.recipes.ppo_roles import Roles
 from rayrlhf.runtime.checkpoint import Checkpoints, dataset_fingerprint
 from rayrlhf.runtime.evaluation import Evaluator
+from rayrlhf.runtime.faults import RestartBudget, RunFailed, failure_line, log_failure
 from rayrlhf.runtime.metrics import (
     PhaseTimer,
     PrometheusMetrics,
@@ -48,43 +50,54 @@ from rayrlhf.workers.rollout import EngineSample
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Check inputs, connect to Ray, run PPO for `cfg.steps` steps; returns the run directory."""
-    algo, batch = cfg.algorithm, cfg.algorithm.rollout_batch_size
+    """Check inputs, connect to Ray, run PPO for `cfg.steps` steps; returns the run directory.
+    A dead or hung actor restarts the roles from the newest checkpoint while
+    `fault.max_restarts` allows, else ends the run with one line (`RunFailed`)."""
     with Run(cfg) as run:
-        roles = run.roles
-        if run.start_step == 0:  # a resumed run has its step -1 record already
-            run.evaluate.at_start(roles, run.log.out.write)  # eval.at_start: a step -1 record
-        for step in run.steps():  # on resume from the checkpoint's; checkpoints, graceful stop
-            t = PhaseTimer()
-            n = algo.n_samples_per_prompt  # a prompt's n samples are contiguous rows
-            drawn = run.prompts.draw(step, batch // n, repeat=n)
-            with t("generate"):
-                seed = cfg.seed * 1_000_003 + step * batch
-                samples = roles.generate(drawn.ids, seed=seed, timer=t)
-                rollout = assemble_rollout(samples, drawn.texts, run.pad_id, drawn.columns)
-            with t("score"):
-                scores = roles.score(rollout, t)
-            with t("advantage"):
-                beta = run.kl_ctl.value
-                exp, rollout_stats = make_experience(rollout, scores, algo, beta, run.moments)
-                if algo.mask_truncated:
-                    exp = overlong_filter(exp, samples)
-                exp = invalid_filter(exp, scores)
-                norms = loss_norms(
-                    exp, cfg.policy.num_ranks, algo.num_mini_batches, cfg.rollout.max_new_tokens
-                )
-            with t("train"):
-                policy_stats, critic_stats = train_unless_empty(roles, exp, beta, norms, t, step)
-            with t("sync"):
-                sync = roles.sync_weights()
-            run.kl_ctl.update(rollout_stats.kl, n_steps=len(rollout))
-            evals = run.evaluate(roles, step)  # {} unless eval.every_steps makes it due
-            run.record(
-                step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta,
-                reward_record(scores) | evals,
-            )  # fmt: skip
+        while True:
+            try:
+                if run.start_step == 0:  # a resumed run has its step -1 record already
+                    run.evaluate.at_start(run.roles, run.log.out.write)  # eval.at_start
+                for step in run.steps():  # checkpoints, ledger, graceful stop
+                    ppo_step(run, step)
+                break
+            except RoleFailed as fault:
+                run.recover(fault)  # restarts the roles, or raises RunFailed
         run.finish()
     return run.dir
+
+
+def ppo_step(run: Run, step: int) -> None:
+    """One PPO step: generate -> score -> advantage -> train -> sync, then its record."""
+    cfg, roles, t = run.cfg, run.roles, PhaseTimer()
+    algo, batch = cfg.algorithm, cfg.algorithm.rollout_batch_size
+    n = algo.n_samples_per_prompt  # a prompt's n samples are contiguous rows
+    drawn = run.prompts.draw(step, batch // n, repeat=n)
+    with t("generate"):
+        seed = cfg.seed * 1_000_003 + step * batch
+        samples = roles.generate(drawn.ids, seed=seed, timer=t)
+        rollout = assemble_rollout(samples, drawn.texts, run.pad_id, drawn.columns)
+    with t("score"):
+        scores = roles.score(rollout, t)
+    with t("advantage"):
+        beta = run.kl_ctl.value
+        exp, rollout_stats = make_experience(rollout, scores, algo, beta, run.moments)
+        if algo.mask_truncated:
+            exp = overlong_filter(exp, samples)
+        exp = invalid_filter(exp, scores)
+        norms = loss_norms(
+            exp, cfg.policy.num_ranks, algo.num_mini_batches, cfg.rollout.max_new_tokens
+        )
+    with t("train"):
+        policy_stats, critic_stats = train_unless_empty(roles, exp, beta, norms, t, step)
+    with t("sync"):
+        sync = roles.sync_weights()
+    run.kl_ctl.update(rollout_stats.kl, n_steps=len(rollout))
+    evals = run.evaluate(roles, step)  # {} unless eval.every_steps makes it due
+    run.record(
+        step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta,
+        reward_record(scores) | evals,
+    )  # fmt: skip
 
 
 def overlong_filter(exp: Experience, samples: list[EngineSample]) -> Experience:
@@ -120,6 +133,10 @@ def train_unless_empty(roles: Roles, exp, beta, norms, timer, step) -> tuple[Tra
     return TrainStats(loss=0.0), TrainStats(loss=0.0)
 
 
+EXIT_FAILED = 1
+"""Exit code of a run ended by an actor's failure (`RunFailed`)."""
+
+
 class Run:
     """Everything around the loop: checks, Ray, the actors, the run directory and the metrics.
 
@@ -148,7 +165,10 @@ class Run:
         self.kl_ctl = kl_controller(cfg.algorithm)
         self.moments = RunningMoments() if cfg.algorithm.reward_normalize else None
         self.start_step, self.ledger = 0, list[list[int]]()
+        self.step: int | None = None
+        """The step in progress (0-based), None before the first."""
         self.stop = StopSignals()
+        self.restarts = RestartBudget(cfg.fault.max_restarts)
 
     def __enter__(self) -> Run:
         try:
@@ -184,6 +204,9 @@ class Run:
         """Load the checkpoint found at start-up into the ranks, the engines and the driver; its
         records replace run_dir's (records after its step are dropped, then appended to)."""
         path = self.resume_from
+        self.kl_ctl = kl_controller(self.cfg.algorithm)  # fresh, as at step 0 ...
+        self.moments = RunningMoments() if self.cfg.algorithm.reward_normalize else None
+        self.start_step, self.ledger = 0, []  # ... unless the checkpoint says otherwise
         if path is None:
             self.checkpoints.reset_records(None)
             print(f"resume: no complete checkpoint in {self.dir}; starting at step 1", flush=True)
@@ -202,6 +225,7 @@ class Run:
         algo = self.cfg.algorithm
         size = algo.rollout_batch_size // algo.n_samples_per_prompt
         for step in range(self.start_step, self.cfg.steps):
+            self.step = step
             if self.stop.requested:  # before this launch's first step: nothing new to save
                 raise Stopped(self._stop_line(step, self.resume_from))
             yield step
@@ -213,6 +237,26 @@ class Run:
                 print(f"checkpoint: {path}", flush=True)
                 if self.stop.requested:
                     raise Stopped(self._stop_line(step + 1, path))
+
+    def recover(self, fault: RoleFailed) -> None:
+        """After `fault`: log it, then rebuild every role and go on from the newest complete
+        checkpoint (step 0 without one) if the restart budget allows; else raise RunFailed."""
+        checkpoint = self.checkpoints.resume_point()
+        step = None if self.step is None else self.step + 1
+        line = failure_line(fault, step, checkpoint)
+        log = log_failure(self.dir, line, fault)
+        if not self.restarts.take(fault):
+            raise RunFailed(f"{line} (details: {log})") from fault
+        r = self.restarts
+        print(f"{line.split('; resume')[0]}; restarting from it (restart {r.used}/{r.max})",
+              flush=True)  # fmt: skip
+        self.log.close()
+        self.roles.shutdown()
+        self.log = self.roles = None
+        self.resume_from = checkpoint
+        self.roles = Roles(self.cfg)
+        self._resume()
+        self.log = StepLog(self.dir, self.cfg.steps, tensorboard=self.cfg.metrics.tensorboard)
 
     def _state(self) -> dict:
         """The driver's part of a checkpoint (`Checkpoints.save` adds the step and the RNGs)."""
@@ -269,7 +313,8 @@ class Run:
 
 def main(config: str | None, overrides: list[str], resume: bool = False) -> int:
     """`rayrlhf train`: exit 0 when done, EXIT_STOPPED (3) after a signal's graceful stop (a
-    checkpoint was written), 128 + the signal after a second signal (none was)."""
+    checkpoint was written), EXIT_FAILED (1) after an actor failure (one line; the details in
+    run_dir/errors.log), 128 + the signal after a second signal (no checkpoint)."""
     try:
         train(load_config(config, [*overrides, *(["resume=true"] if resume else [])]))
     except Stopped as stop:
@@ -278,6 +323,9 @@ def main(config: str | None, overrides: list[str], resume: bool = False) -> int:
     except StopNow as stop:
         print(f"rayrlhf: {stop}", file=sys.stderr, flush=True)
         return 128 + stop.signum
+    except RunFailed as failed:
+        print(failed, file=sys.stderr, flush=True)
+        return EXIT_FAILED
     return 0
 
 

@@ -5,8 +5,9 @@
     reference, reward                      (one actor each)
     engines  M vLLM engines                (RolloutEngine), M independent of N
 
-Every remote wait is bounded by `TrainConfig.phase_timeout_s`, so a stuck actor is an error naming
-the phase, not a silent hang.
+Every remote wait is bounded by a limit that adapts to the phase's measured time (`fault.hang_*`,
+never over `phase_timeout_s`), and a dead, hung or raising actor is a `RoleFailed` naming its
+role, rank and phase, not a silent hang or a raw Ray traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
 from rayrlhf.cluster.placement import threads_for
+from rayrlhf.cluster.waits import HangLimits
 from rayrlhf.config import RankGroupConfig, TrainConfig
 from rayrlhf.types import (
     Experience,
@@ -64,7 +66,9 @@ class Roles:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.timeout = cfg.phase_timeout_s
-        self.actors = ActorSet(cfg.phase_timeout_s, cfg.placement_timeout_s)
+        f = cfg.fault  # phases' limits adapt to their measured times (a hang in ~a minute)
+        hangs = HangLimits(cfg.phase_timeout_s, f.hang_factor, f.hang_min_s, f.hang_warmup)
+        self.actors = ActorSet(cfg.phase_timeout_s, cfg.placement_timeout_s, hangs)
         try:
             self._start(cfg)
         except BaseException:

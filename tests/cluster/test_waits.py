@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 import ray
 
-from rayrlhf.cluster.waits import bounded_get
+from rayrlhf.cluster.waits import HangLimits, RoleFailed, bounded_get, get_named
 
 
 @ray.remote(num_cpus=0)
@@ -24,5 +26,71 @@ def test_bounded_get_names_the_stuck_phase_and_returns_in_time():
         with pytest.raises(TimeoutError, match="phase 'sync' did not finish within 1"):
             bounded_get([_sleep.remote(60.0)], 1, "sync")
         assert time.perf_counter() - start < 10
+    finally:
+        ray.shutdown()
+
+
+def test_hang_limits_adapt_after_warmup_within_floor_and_ceiling():
+    limits = HangLimits(max_s=900, factor=10, min_s=60, warmup=2)
+    assert limits.limit("generate") == 900  # nothing measured yet
+    limits.observe("generate", 3.0)
+    assert limits.limit("generate") == 900  # one run is no warm-up
+    limits.observe("generate", 2.0)
+    assert limits.limit("generate") == 60  # 10 x 3 s, raised to the floor
+    limits.observe("generate", 20.0)
+    assert limits.limit("generate") == 200  # 10 x the slowest
+    limits.observe("generate", 500.0)
+    assert limits.limit("generate") == 900  # never above the fixed limit
+    assert limits.limit("sync") == 900  # phases adapt separately
+    assert HangLimits(max_s=900).limit("generate") == 900  # factor 0: fixed
+
+
+@ray.remote(num_cpus=0)
+class _Worker:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def wait(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def boom(self) -> None:
+        raise ValueError("the reward rule returned a string")
+
+
+def test_get_named_names_the_dead_hung_or_raising_actor():
+    """Three actors of two roles: each failure names the right role and rank, within a second
+    of the cause (death, the adapted limit), and keeps Ray's error as the cause."""
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        roles = {"policy": [_Worker.remote(), _Worker.remote()], "reward": [_Worker.remote()]}
+        pids = {a: ray.get(a.pid.remote()) for acts in roles.values() for a in acts}
+        ids = {a._actor_id.hex(): (r, i) for r, acts in roles.items() for i, a in enumerate(acts)}
+        limits = HangLimits(max_s=60, factor=2, min_s=1, warmup=1)
+        get = lambda refs, phase: get_named(refs, phase, limits, lambda h: ids[h])  # noqa: E731
+
+        with pytest.raises(RoleFailed) as err:
+            get(roles["reward"][0].boom.remote(), "score")
+        f = err.value
+        assert (f.role, f.rank, f.phase, f.kind) == ("reward", 0, "score", "failed")
+        assert "ValueError: the reward rule returned a string" in f.cause and not f.restartable
+
+        get([a.wait.remote(0.2) for a in roles["policy"]], "train")  # warm-up: 0.2 s measured
+        assert limits.limit("train") == 1.0  # max(min_s, 2 x 0.2)
+        start = time.monotonic()
+        with pytest.raises(RoleFailed) as err:
+            get([roles["policy"][0].wait.remote(0), roles["policy"][1].wait.remote(30)], "train")
+        assert time.monotonic() - start < 5
+        f = err.value
+        assert (f.role, f.rank, f.kind) == ("policy", 1, "hung") and f.restartable
+        assert "no answer in 1s" in f.cause
+
+        refs = [a.wait.remote(30) for a in roles["policy"]]
+        time.sleep(0.5)
+        os.kill(pids[roles["policy"][1]], signal.SIGKILL)
+        with pytest.raises(RoleFailed) as err:
+            get_named(refs, "sync", HangLimits(60), lambda h: ids[h])
+        f = err.value
+        assert (f.role, f.rank, f.phase, f.kind) == ("policy", 1, "sync", "died")
+        assert isinstance(f.__cause__, ray.exceptions.RayActorError)
     finally:
         ray.shutdown()

@@ -1,0 +1,55 @@
+"""What the driver says and keeps when an actor fails: one line on the screen, the whole Ray
+error in run_dir/errors.log, and a restart budget (`fault.max_restarts`).
+
+    rayrlhf: policy 1 died during train at step 5 (its process exited); last checkpoint:
+    runs/x/checkpoints/step_4; resume with --resume
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+from rayrlhf.cluster.waits import RoleFailed
+
+ERRORS_LOG = "errors.log"
+"""run_dir file that receives the full error (Ray's remote traceback) of every failure."""
+
+
+class RunFailed(RuntimeError):
+    """The run stopped on a failure; the message is the one line to print."""
+
+
+def failure_line(fault: RoleFailed, step: int | None, checkpoint: Path | None) -> str:
+    """The one line of a failure (step: 1-based number of the step it happened in)."""
+    where = f" at step {step}" if step is not None else " at start-up"
+    who = fault.role if fault.rank < 0 else f"{fault.role} {fault.rank}"
+    return (
+        f"rayrlhf: {who} {fault.kind} during {fault.phase}{where} ({fault.cause}); "
+        f"last checkpoint: {checkpoint or 'none'}; resume with --resume"
+    )
+
+
+def log_failure(run_dir: Path, line: str, error: BaseException) -> Path:
+    """Append `line` and `error`'s whole chain (Ray's text holds the remote traceback) to
+    run_dir/errors.log; returns its path."""
+    path = Path(run_dir) / ERRORS_LOG
+    text = "".join(traceback.format_exception(error))
+    with path.open("a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n{text}\n")
+    return path
+
+
+class RestartBudget:
+    """`fault.max_restarts` for one launch: whether a failure may be restarted from."""
+
+    def __init__(self, max_restarts: int) -> None:
+        self.max, self.used = max_restarts, 0
+
+    def take(self, fault: RoleFailed) -> bool:
+        """True (and one restart used) when `fault` is restartable and the budget has one."""
+        if not fault.restartable or self.used >= self.max:
+            return False
+        self.used += 1
+        return True

@@ -1,0 +1,138 @@
+"""Fault matrix rows "engine hung", "policy rank killed", "reward actor killed", for real.
+
+One CLI launch of the tiny recipe with `fault.max_restarts: 2` and checkpoints every 2 steps:
+  1. SIGSTOP of the vLLM engine (a hang): found within the adapted limit, the driver restarts;
+  2. SIGKILL of a policy ZeRO-3 rank: the driver restarts again, from the newest checkpoint;
+  3. SIGKILL of the reward actor: no restart left, so one `rayrlhf:` line and exit 1.
+Then `--resume` finishes the run. Nothing lost: every step's metrics and ledger line once, no
+prompt twice. The processes are found among the CLI's descendants by Ray's process titles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, BATCH = 8, 16
+HANG_MIN_S = 10.0
+
+
+def _cli(tiny_models, run_dir: Path, *extra: str) -> list[str]:
+    sets = [
+        f"run_dir={run_dir}",
+        f"steps={STEPS}",
+        "make_tiny_models=null",
+        f"policy.model_path={tiny_models['policy']}",
+        f"critic.model_path={tiny_models['critic']}",
+        f"reward.model_path={tiny_models['reward']}",
+        f"algorithm.rollout_batch_size={BATCH}",
+        "policy.micro_batch_size=4",
+        "critic.micro_batch_size=4",
+        "checkpoint.every_steps=2",
+        "fault.max_restarts=2",
+        f"fault.hang_min_s={HANG_MIN_S}",
+        "fault.hang_factor=5",
+        "fault.hang_warmup=1",
+        "metrics.prometheus=false",
+        "metrics.plots=false",
+        "metrics.tensorboard=false",
+        *extra,
+    ]
+    cmd = [sys.executable, "-m", "rayrlhf.cli", "train", "--config", "configs/tiny-cpu.yaml"]
+    return cmd + [a for s in sets for a in ("--set", s)]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _actor_pids(driver: psutil.Process, title: str) -> list[int]:
+    """PIDs of the driver's descendant Ray workers whose process title starts with `title`."""
+    out = []
+    for p in driver.children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith(title):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return sorted(out)
+
+
+def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the run exited {proc.returncode} before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_hang_and_dead_actors_restart_then_one_line_and_resume(tiny_models, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "launch1.log"
+    metrics = run_dir / "metrics.jsonl"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            _cli(tiny_models, run_dir), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+        driver = psutil.Process(proc.pid)
+        try:
+            _wait(lambda: len(_lines(metrics)) >= 3, proc, "step 3")
+            (engine,) = _actor_pids(driver, "ray::RolloutEngine")
+            stopped_at = time.monotonic()
+            psutil.Process(engine).send_signal(signal.SIGSTOP)
+            _wait(lambda: "restart 1/2" in log.read_text(), proc, "the hang's restart")
+            found_after = time.monotonic() - stopped_at
+
+            _wait(lambda: len(_lines(metrics)) >= 4 and "restart 1/2" in log.read_text(), proc,
+                  "step 4 after the restart")  # fmt: skip
+            ranks = _actor_pids(driver, "ray::PolicyWorker")
+            assert len(ranks) == 2, ranks
+            psutil.Process(ranks[1]).kill()
+            _wait(lambda: "restart 2/2" in log.read_text(), proc, "the dead rank's restart")
+
+            _wait(lambda: len(_lines(metrics)) >= 5 and "restart 2/2" in log.read_text(), proc,
+                  "step 5 after the second restart")  # fmt: skip
+            (reward,) = _actor_pids(driver, "ray::RewardWorker")
+            killed_at = time.monotonic()
+            psutil.Process(reward).kill()
+            rc = proc.wait(timeout=120)
+            ended_after = time.monotonic() - killed_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    hang = re.search(r"rayrlhf: rollout 0 hung during \w+ at step \d+ \(no answer in", text)
+    dead = re.search(r"rayrlhf: policy [01] died during \w+ at step \d+ \(", text)
+    assert hang and dead, text[-4000:]
+    # The hang is found within the adapted limit (~HANG_MIN_S here), not phase_timeout_s.
+    assert found_after < HANG_MIN_S + 60, found_after
+    final = [x for x in text.splitlines() if x.startswith("rayrlhf:")][-1]
+    assert rc == 1 and ended_after < 60, (rc, ended_after)
+    assert re.fullmatch(
+        r"rayrlhf: reward 0 died during \w+ at step \d+ \(.*\); last checkpoint: \S+step_\d+; "
+        r"resume with --resume \(details: \S+errors\.log\)",
+        final,
+    ), final
+    assert "Traceback" not in text, text[-4000:]  # tracebacks go to errors.log only
+    assert "reward 0 died" in (run_dir / "errors.log").read_text()
+
+    resumed = subprocess.run(
+        _cli(tiny_models, run_dir, "resume=true"), cwd=ROOT, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert [r["step"] for r in _lines(metrics)] == list(range(STEPS))
+    ledger = _lines(run_dir / "ledger.jsonl")
+    prompts = [p for rec in ledger for p in rec["prompts"]]
+    assert [r["step"] for r in ledger] == list(range(STEPS))
+    assert len(prompts) == len(set(prompts)) == STEPS * BATCH
