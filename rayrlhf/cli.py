@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import traceback
 from dataclasses import dataclass
 from typing import get_args
 
+from rayrlhf.cluster.errors import RoleFailed
 from rayrlhf.config import ConfigError
 from rayrlhf.data.jsonl import DataError
 
@@ -236,6 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"rayrlhf: {err}", file=sys.stderr)
         return 2
+    except RoleFailed as fault:  # `rayrlhf train` says its own line; the other recipes' here
+        print(f"rayrlhf: {fault} (details: {_error_file(fault)})", file=sys.stderr)
+        return 1
+
+
+def _error_file(error: BaseException) -> str:
+    """Write `error`'s whole chain (Ray's remote traceback) to a file of its own; its path."""
+    fd, path = tempfile.mkstemp(prefix="rayrlhf-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(error)))
+    return path
 
 
 if __name__ == "__main__":

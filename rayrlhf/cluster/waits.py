@@ -13,23 +13,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-FailureKind = str
-"""'died' (the actor's process is gone), 'hung' (no answer within the phase's limit) or 'failed'
-(the actor's method raised)."""
-
-
-class RoleFailed(RuntimeError):
-    """An actor of `role` (rank `rank` within it) died, hung or raised during `phase`."""
-
-    def __init__(self, role: str, rank: int, phase: str, kind: FailureKind, cause: str) -> None:
-        super().__init__(f"{role} {rank} {kind} during {phase} ({cause})")
-        self.role, self.rank, self.phase, self.kind, self.cause = role, rank, phase, kind, cause
-
-    @property
-    def restartable(self) -> bool:
-        """A lost or stuck process may work when started again; a method that raised would
-        raise again (a bug or bad input), so a restart would only repeat it."""
-        return self.kind in ("died", "hung")
+from rayrlhf.cluster.errors import FailureKind, RoleFailed
 
 
 @dataclass
