@@ -35,7 +35,11 @@ class RolloutStats:
     explained_variance: float
     """How well the critic's values predicted the returns (1 = perfectly)."""
     engine_logprob_diff: float
-    """Max |engine logprob - trainer logprob| over sampled tokens: large means broken sync."""
+    """Max |engine logprob - trainer logprob| over sampled tokens: large means broken sync
+    (in fp32; in half precision a correct sync's max grows with depth and batch)."""
+    engine_logprob_gap_mean: float = 0.0
+    """Mean of the same gap over sampled tokens: the check that holds in every precision
+    (`losses.ENGINE_LOGPROB_GAP_LIMITS`)."""
 
 
 def assemble_rollout(
@@ -114,7 +118,7 @@ def rollout_stats(rollout: Rollout, scores: Scores, kl: torch.Tensor, returns) -
     mask = rollout.action_mask
     lengths = mask.sum(1)
     gap = (rollout.engine_logprobs - scores.old_logprobs).abs()
-    diff = torch.where(mask.bool(), gap, torch.zeros_like(gap)).max()  # padding may hold inf
+    gap = torch.where(mask.bool(), gap, torch.zeros_like(gap))  # padding may hold inf
     return RolloutStats(
         reward_mean=scores.rewards.mean().item(),
         reward_std=scores.rewards.std().item() if len(rollout) > 1 else 0.0,
@@ -123,7 +127,8 @@ def rollout_stats(rollout: Rollout, scores: Scores, kl: torch.Tensor, returns) -
         tokens=int(lengths.sum().item()),
         total_tokens=int(rollout.attention_mask.sum().item()),
         explained_variance=explained_variance(scores.values, returns, mask).item(),
-        engine_logprob_diff=diff.item(),
+        engine_logprob_diff=gap.max().item(),
+        engine_logprob_gap_mean=(gap.sum() / mask.sum().clamp(min=1)).item(),
     )
 
 

@@ -289,6 +289,12 @@ def engine_logprob_gap_limit(dtype: str) -> float:
     return lookup(ENGINE_LOGPROB_GAP_LIMITS, dtype, "compute dtype")
 
 
+def pair_gap_limit(trainer_dtype: str, engine_dtype: str) -> float:
+    """The mean-gap limit of a trainer and an engine computing in these dtypes: the looser of
+    the two ends' (a bf16 engine against an fp32 trainer rounds like bf16)."""
+    return max(engine_logprob_gap_limit(trainer_dtype), engine_logprob_gap_limit(engine_dtype))
+
+
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """Fraction of return variance explained by the value head, over valid tokens.
 

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from rayrlhf.algorithms.experience import assemble_rollout, loss_norms, make_experience
 from rayrlhf.algorithms.kl import kl_controller
+from rayrlhf.algorithms.losses import pair_gap_limit
 from rayrlhf.algorithms.rewards import RunningMoments
 from rayrlhf.cluster.capacity import cpus_needed
 from rayrlhf.cluster.placement import start_ray
@@ -34,7 +35,14 @@ from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.recipes.ppo_roles import Roles
 from rayrlhf.runtime.checkpoint import Checkpoints, dataset_fingerprint
 from rayrlhf.runtime.evaluation import Evaluator
-from rayrlhf.runtime.faults import RestartBudget, RunFailed, failure_line, log_failure
+from rayrlhf.runtime.faults import (
+    RestartBudget,
+    RunFailed,
+    compute_dtypes,
+    failure_line,
+    gap_warning,
+    log_failure,
+)
 from rayrlhf.runtime.metrics import (
     PhaseTimer,
     PrometheusMetrics,
@@ -169,6 +177,7 @@ class Run:
         """The step in progress (0-based), None before the first."""
         self.stop = StopSignals()
         self.restarts = RestartBudget(cfg.fault.max_restarts)
+        self.gap_limit = pair_gap_limit(*compute_dtypes(cfg))
 
     def __enter__(self) -> Run:
         try:
@@ -285,6 +294,8 @@ class Run:
         rec.update(evals)
         rec["rollout/truncated_frac"] = sum(s.truncated for s in samples) / len(samples)
         self.log.write(rec)
+        if warning := gap_warning(step, rollout_stats.engine_logprob_gap_mean, self.gap_limit):
+            print(warning, flush=True)
         if self.prometheus is not None:
             per_engine = Counter()
             for s in samples:

@@ -1,5 +1,6 @@
 """What the driver says and keeps when an actor fails: one line on the screen, the whole Ray
-error in run_dir/errors.log, and a restart budget (`fault.max_restarts`).
+error in run_dir/errors.log, and a restart budget (`fault.max_restarts`); and the alarm for a
+weight sync that went wrong silently (the engines' logprobs drift from the trainer's).
 
     rayrlhf: policy 1 died during train at step 5 (its process exited); last checkpoint:
     runs/x/checkpoints/step_4; resume with --resume
@@ -7,11 +8,14 @@ error in run_dir/errors.log, and a restart budget (`fault.max_restarts`).
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from pathlib import Path
 
-from rayrlhf.cluster.waits import RoleFailed
+from rayrlhf.algorithms.losses import ENGINE_LOGPROB_GAP_LIMITS
+from rayrlhf.cluster.errors import RoleFailed
+from rayrlhf.config import TrainConfig
 
 ERRORS_LOG = "errors.log"
 """run_dir file that receives the full error (Ray's remote traceback) of every failure."""
@@ -53,3 +57,26 @@ class RestartBudget:
             return False
         self.used += 1
         return True
+
+
+def compute_dtypes(cfg: TrainConfig) -> tuple[str, str]:
+    """(trainer, engine) compute dtypes: DeepSpeed runs bf16 on GPU and fp32 on CPU; the engine
+    runs rollout.dtype, 'auto' being the checkpoint's (config.json `dtype`/`torch_dtype`)."""
+    trainer = "bfloat16" if cfg.policy.resources.num_gpus > 0 else "float32"
+    engine = cfg.rollout.dtype
+    if engine == "auto":
+        conf = json.loads((Path(cfg.policy.model_path) / "config.json").read_text())
+        engine = str(conf.get("dtype") or conf.get("torch_dtype") or "float32")
+    return trainer, engine if engine in ENGINE_LOGPROB_GAP_LIMITS else "float32"
+
+
+def gap_warning(step: int, gap_mean: float, limit: float) -> str | None:
+    """A warning line when the step's mean engine/trainer logprob gap is over `limit`: the
+    engines are not sampling from the weights the trainer scores with."""
+    if gap_mean <= limit:
+        return None
+    return (
+        f"rayrlhf: warning: step {step + 1}: engines' logprobs differ from the trainer's by "
+        f"{gap_mean:.3g} a token on average (limit {limit:g} for these dtypes): a broken or "
+        "stale weight sync? (docs/weight-sync.md#a-second-independent-check)"
+    )

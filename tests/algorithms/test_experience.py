@@ -142,6 +142,8 @@ def test_engine_logprob_diff_ignores_padding():
     )
     _, stats = make_experience(r, scores, AlgorithmConfig(), 0.0)
     assert stats.engine_logprob_diff == pytest.approx(0.25)
+    real = r.action_mask.sum().item()  # the mean is over real tokens only
+    assert stats.engine_logprob_gap_mean == pytest.approx((0.25 + 0.125) / real)
 
 
 def test_engine_logprob_diff_zero_when_equal():

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH = 8, 16
-HANG_MIN_S = 10.0
+HANG_MIN_S = 20.0  # well above any phase of the tiny run, even on a loaded machine
 
 
 def _cli(tiny_models, run_dir: Path, *extra: str) -> list[str]:

@@ -1,11 +1,21 @@
-"""The one failure line, the error log and the restart budget."""
+"""The one failure line, the error log, the restart budget and the sync drift alarm."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from rayrlhf.cluster.waits import RoleFailed
-from rayrlhf.runtime.faults import ERRORS_LOG, RestartBudget, failure_line, log_failure
+from rayrlhf.algorithms.losses import ENGINE_LOGPROB_GAP_LIMITS, pair_gap_limit
+from rayrlhf.cluster.errors import RoleFailed
+from rayrlhf.config import load_config
+from rayrlhf.runtime.faults import (
+    ERRORS_LOG,
+    RestartBudget,
+    compute_dtypes,
+    failure_line,
+    gap_warning,
+    log_failure,
+)
 
 
 def test_failure_line_names_role_rank_phase_step_and_checkpoint():
@@ -39,3 +49,20 @@ def test_restart_budget_counts_only_restartable_failures():
     assert budget.take(RoleFailed("rollout", 0, "generate", "hung", "no answer"))
     assert not budget.take(RoleFailed("policy", 0, "train", "died", "gone"))  # spent
     assert budget.used == 1
+
+
+def test_gap_warning_only_over_the_limit_of_the_pair():
+    limit = pair_gap_limit("float32", "bfloat16")
+    assert limit == ENGINE_LOGPROB_GAP_LIMITS["bfloat16"]  # the looser end decides
+    assert gap_warning(3, 0.05, limit) is None  # bf16 rounding: a correct sync
+    line = gap_warning(3, 0.5, limit)
+    assert line.startswith("rayrlhf: warning: step 4:") and "0.5" in line and "\n" not in line
+    assert gap_warning(0, 2e-3, pair_gap_limit("float32", "float32"))  # fp32: 1e-3 is the limit
+
+
+def test_compute_dtypes_read_the_checkpoint_when_auto(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    cfg = load_config(None, [f"policy.model_path={tmp_path}", "rollout.dtype=auto"])
+    assert compute_dtypes(cfg) == ("float32", "bfloat16")  # CPU trainer, bf16 checkpoint
+    cfg = load_config(None, [f"policy.model_path={tmp_path}", "rollout.dtype=float32"])
+    assert compute_dtypes(cfg) == ("float32", "float32")
