@@ -182,7 +182,13 @@ class TrainStats:
     entropy: float = 0.0
     """Policy: mean per-token entropy of the policy distribution."""
     grad_norm: float = 0.0
-    """Global gradient norm before clipping."""
+    """Global gradient norm before clipping, mean over the optimizer steps applied."""
+    skipped: float = 0.0
+    """Optimizer steps skipped for a non-finite loss or gradient (every rank skips alike, so
+    the mean over ranks is the count)."""
+    skip_streak: float = 0.0
+    """Optimizer steps skipped in a row, the longest run seen up to the end of this update
+    (`mean_stats` takes its maximum): what `fault.max_skipped_steps` bounds."""
 
 
 @dataclass(frozen=True)

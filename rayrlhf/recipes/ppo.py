@@ -42,6 +42,7 @@ from rayrlhf.runtime.faults import (
     failure_line,
     gap_warning,
     log_failure,
+    skip_line,
 )
 from rayrlhf.runtime.metrics import (
     PhaseTimer,
@@ -98,6 +99,7 @@ def ppo_step(run: Run, step: int) -> None:
         )
     with t("train"):
         policy_stats, critic_stats = train_unless_empty(roles, exp, beta, norms, t, step)
+        run.check_skips(step, policy_stats, critic_stats)  # K non-finite steps in a row: stop
     with t("sync"):
         sync = roles.sync_weights()
     run.kl_ctl.update(rollout_stats.kl, n_steps=len(rollout))
@@ -266,6 +268,13 @@ class Run:
         self.roles = Roles(self.cfg)
         self._resume()
         self.log = StepLog(self.dir, self.cfg.steps, tensorboard=self.cfg.metrics.tensorboard)
+
+    def check_skips(self, step: int, *stats: TrainStats) -> None:
+        """Stop (RunFailed) after `fault.max_skipped_steps` non-finite optimizer steps in a row
+        (`faults.skip_line`); no checkpoint is written for this step."""
+        line = skip_line(step, stats, self.cfg.fault.max_skipped_steps, self.checkpoints)
+        if line:
+            raise RunFailed(line)
 
     def _state(self) -> dict:
         """The driver's part of a checkpoint (`Checkpoints.save` adds the step and the RNGs)."""

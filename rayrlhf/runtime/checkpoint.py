@@ -50,6 +50,11 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from; the message says what is wrong or differs."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (e.g. a full disk): its partial directory is
+    removed, every older checkpoint is untouched; the message names the one kept."""
+
+
 def resume_fields(cfg: TrainConfig) -> dict[str, object]:
     """The dotted config fields a resume must match, with their values."""
     out: dict[str, object] = {}
@@ -282,18 +287,27 @@ class Checkpoints:
         return every > 0 and steps_done % every == 0
 
     def save(self, steps_done: int, roles, state: dict) -> Path:
-        """Write checkpoint step_<steps_done> atomically, then rotate; returns its path."""
+        """Write checkpoint step_<steps_done> atomically, then rotate; returns its path. A write
+        that fails (CheckpointWriteError) leaves the checkpoints as they were."""
         tmp = self.root / f"step_{steps_done}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        roles.save_checkpoint(str(tmp))
-        save_driver_state(tmp, {**state, "step": steps_done})
-        for name in RECORDS:
-            if (self.dir / name).exists():
-                shutil.copyfile(self.dir / name, tmp / name)
-        fields = resume_fields(self.cfg)
-        info = {"step": steps_done, "world_sizes": world_sizes(self.cfg), "config": fields}
-        write_manifest(tmp, {**info, "config_hash": _digest(fields), "dataset": self.dataset})
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            roles.save_checkpoint(str(tmp))
+            save_driver_state(tmp, {**state, "step": steps_done})
+            for name in RECORDS:
+                if (self.dir / name).exists():
+                    shutil.copyfile(self.dir / name, tmp / name)
+            fields = resume_fields(self.cfg)
+            info = {"step": steps_done, "world_sizes": world_sizes(self.cfg), "config": fields}
+            write_manifest(tmp, {**info, "config_hash": _digest(fields), "dataset": self.dataset})
+        except OSError as err:  # the kernel's message names no file: say which, and what is kept
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk needs the space back
+            done = complete(self.dir)
+            kept = f"{done[-1]} is kept" if done else "there is no earlier one"
+            raise CheckpointWriteError(
+                f"checkpoint {tmp.with_suffix('')} not written: {err}; {kept}"
+            ) from err
         final = commit(tmp)
         rotate(self.dir, self.cfg.checkpoint.keep_last)
         return final

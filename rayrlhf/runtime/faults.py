@@ -80,3 +80,17 @@ def gap_warning(step: int, gap_mean: float, limit: float) -> str | None:
         f"{gap_mean:.3g} a token on average (limit {limit:g} for these dtypes): a broken or "
         "stale weight sync? (docs/weight-sync.md#a-second-independent-check)"
     )
+
+
+def skip_line(step: int, stats, limit: int, checkpoints) -> str | None:
+    """The line that stops a run whose trainers (`stats`: their `TrainStats` of this step) have
+    skipped `limit` optimizer steps in a row for a non-finite loss or gradient, else None. The
+    weights are still the last applied step's (a skip changes nothing)."""
+    streak = max(s.skip_streak for s in stats)
+    if streak < limit:
+        return None
+    return (
+        f"rayrlhf: {int(streak)} optimizer steps in a row skipped at step {step + 1} (a "
+        f"non-finite loss or gradient; fault.max_skipped_steps={limit}); last checkpoint: "
+        f"{checkpoints.resume_point() or 'none'}; resume with --resume once the cause is fixed"
+    )

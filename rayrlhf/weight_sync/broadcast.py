@@ -3,7 +3,8 @@ engine worker; rank 0 gathers a bucket (collective) and broadcasts it as one fla
 the digest of all it sent. gloo on CPU, NCCL on GPU: the same code.
 
 The trainer's default group belongs to DeepSpeed and vLLM owns its workers' default group, so
-the sync group is built directly from a TCPStore and a backend process group.
+the sync group is built directly from a TCPStore and a backend process group. Rank 0's store
+listens on the group's address only (`cluster.rendezvous.tcp_store`), not on every interface.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rayrlhf.cluster.rendezvous import tcp_store
 from rayrlhf.weight_sync.records import Fingerprint, ParamMeta, fingerprinted
 
 
@@ -44,7 +46,7 @@ def new_group(
     address (a TCPStore master connects to it too). Blocks until all ranks joined; any
     collective that waits longer than `timeout_s` fails, on gloo and on NCCL."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+    store = tcp_store(host, port, rank, world_size, timeout)
     if backend == "nccl":
         return dist.ProcessGroupNCCL(store, rank, world_size, nccl_options(timeout))
     if backend == "gloo":

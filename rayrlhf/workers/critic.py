@@ -8,13 +8,15 @@ are the old values.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from rayrlhf.algorithms.losses import value_loss
 from rayrlhf.models.forward import response_values
 from rayrlhf.types import Experience, Rollout, TrainStats, micro_batches, timed
-from rayrlhf.workers.deepspeed_role import DeepSpeedRole
-from rayrlhf.workers.policy import check_finite, mean_stats
+from rayrlhf.workers.deepspeed_role import DeepSpeedRole, StepOutcome
+from rayrlhf.workers.policy import mean_stats
 
 
 class CriticWorker(DeepSpeedRole):
@@ -39,15 +41,13 @@ class CriticWorker(DeepSpeedRole):
         """One pass of (clipped) value regression onto the GAE returns over this rank's shard."""
         self.engine.train()
         r = exp.action_mask.shape[1]
-        stats = []
+        stats, outcomes = [], []
         for mb in micro_batches(exp, self.spec.micro_batch_size):
             values = response_values(self.engine, mb.sequences, mb.attention_mask, r)
             dev = values.device
             loss, clipfrac = value_loss(
                 values, mb.old_values.to(dev), mb.returns.to(dev), mb.action_mask.to(dev), clip_eps
             )
-            check_finite(loss, f"value loss (rank {self.spec.rank})")
-            self.engine.backward(loss)
-            self.engine.step()
+            outcomes.append(self.backward_step(loss))  # non-finite: step skipped
             stats.append(TrainStats(loss=loss.item(), clipfrac=float(clipfrac)))
-        return mean_stats(stats)
+        return replace(mean_stats(stats), **StepOutcome.fields(outcomes))

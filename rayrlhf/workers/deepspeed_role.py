@@ -12,11 +12,13 @@ import os
 import pickle
 import random
 import warnings
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from rayrlhf.cluster.placement import RankSpec
+from rayrlhf.cluster.rendezvous import init_default_group
 from rayrlhf.config import RankGroupConfig
 from rayrlhf.weight_sync import zero3
 from rayrlhf.weight_sync.records import plan_buckets
@@ -146,6 +148,30 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimizer step did (`DeepSpeedRole.backward_step`)."""
+
+    grad_norm: float
+    """Global gradient norm before clipping; NaN when skipped."""
+    skipped: bool
+    """The step was skipped for a non-finite loss or gradient: nothing changed."""
+    streak: int
+    """Steps skipped in a row up to this one (0 when it was applied)."""
+
+    @staticmethod
+    def fields(outcomes: list[StepOutcome | None]) -> dict[str, float]:
+        """`TrainStats` fields of one call's optimizer steps (None: a micro-batch between
+        steps): mean norm of the steps applied, steps skipped, and the longest skip streak."""
+        done = [o for o in outcomes if o is not None]
+        norms = [o.grad_norm for o in done if not o.skipped]
+        return {
+            "grad_norm": sum(norms) / len(norms) if norms else 0.0,
+            "skipped": float(sum(o.skipped for o in done)),
+            "skip_streak": float(max((o.streak for o in done), default=0)),
+        }
+
+
 class DeepSpeedRole:
     """Base of a ZeRO-3 rank actor. Subclasses set `MODEL_KIND` and add their maths."""
 
@@ -165,12 +191,25 @@ class DeepSpeedRole:
         warnings.filterwarnings("ignore", category=FutureWarning)
         torch.manual_seed(spec.seed)
         import deepspeed
+        from deepspeed.constants import default_pg_timeout
         from transformers.integrations import HfDeepSpeedConfig
 
         from rayrlhf.models.forward import load_model
 
         self.use_cuda = torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo")
+        backend = "nccl" if self.use_cuda else "gloo"
+        # env:// would start a store on every interface; DeepSpeed adopts this group instead.
+        # A process's second role (tests build several) reuses the group, as DeepSpeed would.
+        if not torch.distributed.is_initialized():
+            init_default_group(
+                backend,
+                spec.master_addr,
+                spec.master_port,
+                spec.rank,
+                spec.world_size,
+                default_pg_timeout,
+            )
+        deepspeed.init_distributed(dist_backend=backend)
         self.spec = spec
         self.ds_config = deepspeed_config(spec, self.use_cuda)
         self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must stay alive: turns on zero.Init
@@ -188,6 +227,8 @@ class DeepSpeedRole:
             lr_scheduler=lr_scheduler(spec.group),
         )
         self.model_path = model_path
+        self.skip_streak = 0
+        """Optimizer steps skipped in a row, up to the last one (the same on every rank)."""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -196,6 +237,30 @@ class DeepSpeedRole:
     def current_lr(self) -> float:
         """The learning rate the next optimizer step will use."""
         return float(self.engine.get_lr()[0])
+
+    def backward_step(self, loss: torch.Tensor) -> StepOutcome | None:
+        """Backward one micro-batch's loss and `engine.step()`: at the accumulation boundary
+        DeepSpeed takes the optimizer step, and this returns its outcome (else None).
+
+        A non-finite gradient skips the step on every rank alike, by DeepSpeed's own path:
+        ZeRO-3 all-reduces the gradient norm over the group, finds it non-finite, zeroes the
+        gradients and leaves weights and AdamW state alone; the engine then leaves the LR
+        schedule unstepped and counts the step in `skipped_steps`. A non-finite loss is backed
+        as NaN, so that an inf loss with a finite gradient (e.g. a k1 KL term against a -inf
+        reference logprob) is skipped too, and every rank still runs the same collectives."""
+        boundary = self.engine.is_gradient_accumulation_boundary()  # step() moves it on
+        if not torch.isfinite(loss).all():
+            loss = loss * math.nan
+        skipped = self.engine.skipped_steps
+        self.engine.backward(loss)
+        self.engine.step()
+        if not boundary:
+            return None
+        if self.engine.skipped_steps > skipped:
+            self.skip_streak += 1
+            return StepOutcome(math.nan, True, self.skip_streak)
+        self.skip_streak = 0
+        return StepOutcome(float(self.engine.get_global_grad_norm()), False, 0)
 
     def shard_numel(self) -> tuple[int, int]:
         """(parameters held by this rank, parameters in the model): ZeRO-3 gives ~1/N each."""

@@ -7,7 +7,6 @@ rank sends its own partition to the engines; in the broadcast sync only rank 0 t
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -26,11 +25,12 @@ from rayrlhf.types import (
     timed,
 )
 from rayrlhf.weight_sync.trainer_end import WeightSender
-from rayrlhf.workers.deepspeed_role import DeepSpeedRole
+from rayrlhf.workers.deepspeed_role import DeepSpeedRole, StepOutcome
 
 
 def check_finite(value: torch.Tensor, what: str) -> None:
-    """Stop with a clear error instead of training on NaN/inf."""
+    """Stop with a clear error instead of training on NaN/inf (the offline trainers; PPO's
+    policy and critic skip such a step instead: `DeepSpeedRole.backward_step`)."""
     if not torch.isfinite(value).all():
         raise FloatingPointError(
             f"{what} is not finite ({value.flatten()[:4].tolist()}...); "
@@ -39,11 +39,10 @@ def check_finite(value: torch.Tensor, what: str) -> None:
 
 
 def mean_stats(stats: list[TrainStats]) -> TrainStats:
-    """Field-wise mean of per-micro-batch (or per-rank) stats."""
+    """Field-wise mean of per-micro-batch (or per-rank) stats; the longest skip streak."""
     n = max(len(stats), 1)
-    return TrainStats(
-        *(sum(getattr(s, f) for s in stats) / n for f in TrainStats.__dataclass_fields__)
-    )
+    mean = {f: sum(getattr(s, f) for s in stats) / n for f in TrainStats.__dataclass_fields__}
+    return TrainStats(**{**mean, "skip_streak": max((s.skip_streak for s in stats), default=0.0)})
 
 
 class PolicyWorker(DeepSpeedRole, WeightSender):
@@ -73,14 +72,12 @@ class PolicyWorker(DeepSpeedRole, WeightSender):
         accum, stats = self.spec.grad_accum_steps, []
         # DeepSpeed divides by the accumulation steps and averages gradients over ranks; undo
         # both so the step's gradient is that of the global aggregate (see `LossNorm`).
-        scale = accum * self.spec.world_size
+        scale, outcomes = accum * self.spec.world_size, []
         for i, mb in enumerate(micro_batches(exp, self.spec.micro_batch_size)):
             loss, s = self._policy_loss(mb, algo, kl_coef, norms[i // accum])
-            check_finite(loss, f"policy loss (rank {self.spec.rank})")
-            self.engine.backward(loss * scale)
-            self.engine.step()
-            stats.append(replace(s, loss=loss.item() * scale, grad_norm=self._grad_norm()))
-        return mean_stats(stats)
+            outcomes.append(self.backward_step(loss * scale))  # non-finite: step skipped
+            stats.append(replace(s, loss=loss.item() * scale))
+        return replace(mean_stats(stats), **StepOutcome.fields(outcomes))
 
     def _policy_loss(
         self, mb: Experience, algo: AlgorithmConfig, kl_coef: float, norm: LossNorm
@@ -112,10 +109,3 @@ class PolicyWorker(DeepSpeedRole, WeightSender):
             clipfrac=s.clipfrac.item(),
             entropy=masked_mean(entropy.detach(), mask).item(),
         )
-
-    def _grad_norm(self) -> float:
-        """Global gradient norm of the last optimizer step (0 between steps)."""
-        if not self.engine.is_gradient_accumulation_boundary():
-            return 0.0
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None and math.isfinite(norm) else 0.0

@@ -15,7 +15,9 @@ from rayrlhf.runtime.faults import (
     failure_line,
     gap_warning,
     log_failure,
+    skip_line,
 )
+from rayrlhf.types import TrainStats
 
 
 def test_failure_line_names_role_rank_phase_step_and_checkpoint():
@@ -66,3 +68,16 @@ def test_compute_dtypes_read_the_checkpoint_when_auto(tmp_path):
     assert compute_dtypes(cfg) == ("float32", "bfloat16")  # CPU trainer, bf16 checkpoint
     cfg = load_config(None, [f"policy.model_path={tmp_path}", "rollout.dtype=float32"])
     assert compute_dtypes(cfg) == ("float32", "float32")
+
+
+class _NoCheckpoints:
+    def resume_point(self):
+        return None
+
+
+def test_skip_line_stops_at_the_streak_limit_of_either_trainer():
+    ok, bad = TrainStats(loss=0.0, skip_streak=1.0), TrainStats(loss=0.0, skip_streak=3.0)
+    assert skip_line(4, (ok, ok), 3, _NoCheckpoints()) is None
+    line = skip_line(4, (ok, bad), 3, _NoCheckpoints())  # the critic's streak counts too
+    assert line.startswith("rayrlhf: 3 optimizer steps in a row skipped at step 5")
+    assert "fault.max_skipped_steps=3" in line and "last checkpoint: none" in line

@@ -2,7 +2,7 @@
 (train mode) come from one function: before any update they are equal, so a value loss against
 targets equal to the old values is exactly 0.
 
-DeepSpeed's engine is stood in for by the HF model itself (forward, `backward`, a `step` that
+DeepSpeed's engine is stood in for by the HF model itself (forward; a `backward_step` that
 does not update), so this runs anywhere; the same check on a real ZeRO-3 rank is in
 tests/e2e/test_families.py.
 """
@@ -37,8 +37,8 @@ def policy_path(tmp_path_factory):
 
 def _worker(model: torch.nn.Module) -> CriticWorker:
     worker = CriticWorker.__new__(CriticWorker)  # no process group: the maths only
-    model.backward = lambda loss: loss.backward()
-    model.step = lambda: None  # no update: train_step sees the weights forward_values saw
+    # Backward but no update: train_step sees the weights forward_values saw.
+    worker.backward_step = lambda loss: loss.backward()
     worker.engine = model
     worker.spec = SimpleNamespace(micro_batch_size=2, rank=0)
     return worker
