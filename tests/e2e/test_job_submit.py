@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from test_two_node import _stop_nodes
+from tiny_runs import tiny_ppo_sets
 from transformers import AutoTokenizer
 
 from rayrlhf.cluster.placement import LOOPBACK_ENV, free_port
@@ -89,21 +90,7 @@ def test_job_submit_succeeds(head, tmp_path):
 
 
 def tiny_sets(tiny_models, run_dir: Path) -> list[str]:
-    return [
-        f"run_dir={run_dir}",
-        f"steps={STEPS}",
-        "make_tiny_models=null",
-        f"policy.model_path={tiny_models['policy']}",
-        f"critic.model_path={tiny_models['critic']}",
-        f"reward.model_path={tiny_models['reward']}",
-        f"algorithm.rollout_batch_size={BATCH}",
-        "policy.micro_batch_size=4",
-        "critic.micro_batch_size=4",
-        "checkpoint.every_steps=2",
-        "metrics.prometheus=false",
-        "metrics.plots=false",
-        "metrics.tensorboard=false",
-    ]
+    return tiny_ppo_sets(tiny_models, run_dir, STEPS, BATCH)
 
 
 def submit(env, address: str, sid: str, cmd: list[str], log: Path) -> subprocess.Popen:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import ray
 from safetensors.torch import load_file
+from tiny_runs import tiny_ppo_sets
 
 from rayrlhf.config import load_config
 from rayrlhf.recipes.ppo import train
@@ -35,24 +36,12 @@ STEPS = 6
 
 def overrides(tiny_models, run_dir: Path) -> list[str]:
     return [
-        f"run_dir={run_dir}",
-        f"steps={STEPS}",
-        "make_tiny_models=null",
-        f"policy.model_path={tiny_models['policy']}",
-        f"critic.model_path={tiny_models['critic']}",
-        f"reward.model_path={tiny_models['reward']}",
-        "algorithm.rollout_batch_size=16",
-        "policy.micro_batch_size=4",
-        "critic.micro_batch_size=4",
+        *tiny_ppo_sets(tiny_models, run_dir, STEPS),
         "policy.lr_schedule=linear",
         f"policy.lr_total_steps={STEPS * 2 * 2}",  # steps x ppo_epochs x num_mini_batches
         "algorithm.kl_controller=adaptive",
         "algorithm.kl_target=0.5",
         "algorithm.reward_normalize=true",
-        "checkpoint.every_steps=2",
-        "metrics.prometheus=false",
-        "metrics.plots=false",
-        "metrics.tensorboard=false",
     ]
 
 

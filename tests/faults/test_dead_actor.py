@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny_runs import tiny_ppo_sets
 
 pytestmark = pytest.mark.slow
 
@@ -30,23 +31,11 @@ HANG_MIN_S = 20.0  # well above any phase of the tiny run, even on a loaded mach
 
 def _cli(tiny_models, run_dir: Path, *extra: str) -> list[str]:
     sets = [
-        f"run_dir={run_dir}",
-        f"steps={STEPS}",
-        "make_tiny_models=null",
-        f"policy.model_path={tiny_models['policy']}",
-        f"critic.model_path={tiny_models['critic']}",
-        f"reward.model_path={tiny_models['reward']}",
-        f"algorithm.rollout_batch_size={BATCH}",
-        "policy.micro_batch_size=4",
-        "critic.micro_batch_size=4",
-        "checkpoint.every_steps=2",
+        *tiny_ppo_sets(tiny_models, run_dir, STEPS, BATCH),
         "fault.max_restarts=2",
         f"fault.hang_min_s={HANG_MIN_S}",
         "fault.hang_factor=5",
         "fault.hang_warmup=1",
-        "metrics.prometheus=false",
-        "metrics.plots=false",
-        "metrics.tensorboard=false",
         *extra,
     ]
     cmd = [sys.executable, "-m", "rayrlhf.cli", "train", "--config", "configs/tiny-cpu.yaml"]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from tiny_runs import tiny_ppo_sets
 from transformers import AutoTokenizer
 
 from rayrlhf.config import load_config
@@ -33,21 +34,7 @@ STEPS, BATCH, EVERY = 4, 16, 2
 
 
 def overrides(tiny_models, run_dir: Path) -> list[str]:
-    return [
-        f"run_dir={run_dir}",
-        f"steps={STEPS}",
-        "make_tiny_models=null",
-        f"policy.model_path={tiny_models['policy']}",
-        f"critic.model_path={tiny_models['critic']}",
-        f"reward.model_path={tiny_models['reward']}",
-        f"algorithm.rollout_batch_size={BATCH}",
-        "policy.micro_batch_size=4",
-        "critic.micro_batch_size=4",
-        f"checkpoint.every_steps={EVERY}",
-        "metrics.prometheus=false",
-        "metrics.plots=false",
-        "metrics.tensorboard=false",
-    ]
+    return tiny_ppo_sets(tiny_models, run_dir, STEPS, BATCH, EVERY)
 
 
 def records(run_dir: Path, name: str) -> list[dict]:
