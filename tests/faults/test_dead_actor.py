@@ -86,8 +86,10 @@ def test_hang_and_dead_actors_restart_then_one_line_and_resume(tiny_models, tmp_
                   "step 4 after the restart")  # fmt: skip
             ranks = _actor_pids(driver, "ray::PolicyWorker")
             assert len(ranks) == 2, ranks
+            rank_killed_at = time.monotonic()
             psutil.Process(ranks[1]).kill()
             _wait(lambda: "restart 2/2" in log.read_text(), proc, "the dead rank's restart")
+            rank_found_after = time.monotonic() - rank_killed_at
 
             _wait(lambda: len(_lines(metrics)) >= 5 and "restart 2/2" in log.read_text(), proc,
                   "step 5 after the second restart")  # fmt: skip
@@ -105,6 +107,7 @@ def test_hang_and_dead_actors_restart_then_one_line_and_resume(tiny_models, tmp_
     assert hang and dead, text[-4000:]
     # The hang is found within the adapted limit (~HANG_MIN_S here), not phase_timeout_s.
     assert found_after < HANG_MIN_S + 60, found_after
+    assert rank_found_after < 60, rank_found_after  # its line, within a minute of the kill
     final = [x for x in text.splitlines() if x.startswith("rayrlhf:")][-1]
     assert rc == 1 and ended_after < 60, (rc, ended_after)
     assert re.fullmatch(
