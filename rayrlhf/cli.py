@@ -32,6 +32,7 @@ EXAMPLES = r"""examples:
   rayrlhf best-of-n --config configs/tiny-cpu.yaml --n 8 --prompts 64
   rayrlhf sft --config configs/sft-tiny-cpu.yaml
   rayrlhf rm --config configs/rm-tiny-cpu.yaml --set epochs=1
+  rayrlhf scale runs/tiny-ppo --engines 2          # a running job's rollout pool, live
   rayrlhf serve-reward --rule rayrlhf.data.demo_task:positive_word_fraction --port 8300
       # then: --set reward.remote.url=http://127.0.0.1:8300/score (docs/rewards.md)
 """
@@ -130,6 +131,19 @@ COMMANDS: dict[str, Command] = {
                 ("--micro-batch-size",),
                 {"type": int, "default": argparse.SUPPRESS,
                  "help": "sequences per reward-model forward pass (default 16)"},
+            ),
+        ),
+    ),
+    "scale": Command(
+        "change the number of vLLM engines of a running PPO job at its next step boundary",
+        "rayrlhf.runtime.scale:scale_main",
+        options=(
+            Option(("run_dir",), {"help": "the running job's run_dir"}),
+            Option(
+                ("--engines",),
+                {"type": int, "required": True, "metavar": "N",
+                 "help": "engines to run with; with ray job submit, submit this command as a "
+                 "job too, so it runs beside the driver (README: Scaling the rollout pool)"},
             ),
         ),
     ),

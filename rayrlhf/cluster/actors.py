@@ -43,7 +43,7 @@ class ActorSet:
         self.hangs = hangs or HangLimits(phase_timeout_s)
         """Each phase's wait limit (fixed at phase_timeout_s unless adaptive)."""
         self.groups: dict[str, list[PlacementGroup]] = {}
-        """Each role's placement groups: one, or one per engine for tensor-parallel engines."""
+        """Each role's placement groups: one, or one per engine (index i: engine i's)."""
         self.actors: dict[str, list] = {}
 
     def __enter__(self) -> ActorSet:
@@ -66,11 +66,18 @@ class ActorSet:
         return "an actor", -1
 
     def reserve(
-        self, role: str, res: Resources, count: int, strategy: str = "PACK", name: str = ""
+        self,
+        role: str,
+        res: Resources,
+        count: int,
+        strategy: str = "PACK",
+        name: str = "",
+        wait: bool = True,
     ) -> PlacementGroup:
         """`count` bundles for `role`, in a placement group of its own (named `name`, else
-        after the role)."""
-        pg = reserve(name or role, res, count, self.placement_timeout, strategy)
+        after the role); with `wait` False the group is placed whenever the cluster has room."""
+        timeout = self.placement_timeout if wait else None
+        pg = reserve(name or role, res, count, timeout, strategy)
         self.groups.setdefault(role, []).append(pg)
         self.actors.setdefault(role, [])
         return pg
@@ -92,17 +99,40 @@ class ActorSet:
     def start_engines(
         self, role: str, cls: type, ro: RolloutConfig, args: Callable[[int], tuple]
     ) -> list:
-        """`ro.num_engines` engine actors, engine i built with `args(i)`, placed as
-        `engine_layout` says: one bundle each, or a group of tensor_parallel_size single-GPU
-        bundles each with the actor in bundle 0."""
-        layout = engine_layout(ro)
-        if layout.groups == 1:
-            return self.start(role, cls, ro.resources, ro.num_engines, args)
+        """`ro.num_engines` engine actors, engine i built with `args(i)` (`start_engine`)."""
         for i in range(ro.num_engines):
-            pg = self.reserve(role, ro.resources, layout.bundles, layout.strategy, f"{role}-{i}")
-            options = engine_actor_options(pg, ro.resources)
-            self.actors[role].append(ray.remote(cls).options(**options).remote(*args(i)))
+            self.start_engine(role, cls, ro, args(i), f"{role}-{i}")
         return self.actors[role]
+
+    def start_engine(
+        self, role: str, cls: type, ro: RolloutConfig, args: tuple, name: str, wait: bool = True
+    ):
+        """One engine actor `cls(*args)` in a placement group of its own (named `name`), placed
+        as `engine_layout` says: one bundle holding the engine, or tensor_parallel_size
+        single-GPU bundles with the actor in bundle 0. Appended to `role`'s actors. With `wait`
+        False the actor starts once its group is placed (see `placed`)."""
+        layout = engine_layout(ro)
+        pg = self.reserve(role, ro.resources, layout.bundles, layout.strategy, name, wait)
+        if layout.bundles == 1:
+            options = actor_options(pg, 0, ro.resources)
+        else:
+            options = engine_actor_options(pg, ro.resources)
+        actor = ray.remote(cls).options(**options).remote(*args)
+        self.actors[role].append(actor)
+        return actor
+
+    def release_one(self, role: str, actor) -> None:
+        """Kill one actor of a role whose actors each have a group of their own (the engines)
+        and free its group."""
+        i = next(i for i, a in enumerate(self.actors[role]) if a is actor)
+        ray.kill(self.actors[role].pop(i))
+        remove_placement_group(self.groups[role].pop(i))
+
+    def placed(self, role: str, actor) -> bool:
+        """Whether the placement group of `actor` (of a role with a group per actor) is placed."""
+        i = next(i for i, a in enumerate(self.actors[role]) if a is actor)
+        ready, _ = ray.wait([self.groups[role][i].ready()], timeout=0)
+        return bool(ready)
 
     def nodes(self, *roles: str) -> set[str]:
         """The Ray node ids that `roles`' reserved bundles are on."""

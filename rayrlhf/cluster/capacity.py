@@ -73,14 +73,14 @@ def role_bundles(cfg: TrainConfig) -> list[RoleRequest]:
     critic = cfg.active_critic  # None for critic-free estimators: nothing reserved
     layout = engine_layout(cfg.rollout)
     strict = layout.strategy == "STRICT_PACK"
+    # Engines of one bundle each have a group apiece, which places as one PACK group would.
+    engines, groups = (layout.bundles, layout.groups) if strict else (layout.groups, 1)
     return [
         RoleRequest("policy", bundle(cfg.policy.resources), cfg.policy.num_ranks),
         *([RoleRequest("critic", bundle(critic.resources), critic.num_ranks)] if critic else []),
         RoleRequest("reference", bundle(cfg.reference.resources), 1),
         RoleRequest("reward", bundle(cfg.reward.resources), 1),
-        RoleRequest(
-            "rollout", bundle(cfg.rollout.resources), layout.bundles, layout.groups, strict
-        ),
+        RoleRequest("rollout", bundle(cfg.rollout.resources), engines, groups, strict),
     ]
 
 

@@ -1,5 +1,6 @@
-"""Resource groups: one Ray placement group per role, one bundle per actor of the role (and one
-group per engine for tensor-parallel engines, `engine_layout`).
+"""Resource groups: one Ray placement group per role, one bundle per actor of the role, except
+the rollout engines: one group per engine (`engine_layout`), so that engines can be replaced,
+added and removed one at a time (Ray cannot grow or shrink a placement group).
 
 On a GPU cluster a bundle holds the role's GPUs; on CPU it holds logical CPUs, so each role still
 gets its own reservation and its actors never compete for another role's slot. Reservation is
@@ -42,10 +43,17 @@ def bundle(res: Resources) -> dict[str, float]:
 
 
 def reserve(
-    role: str, res: Resources, count: int, timeout_s: float = 60.0, strategy: str = "PACK"
+    role: str,
+    res: Resources,
+    count: int,
+    timeout_s: float | None = 60.0,
+    strategy: str = "PACK",
 ) -> PlacementGroup:
-    """Reserve `count` bundles for `role`, or raise PlacementError within `timeout_s`."""
+    """Reserve `count` bundles for `role`, or raise PlacementError within `timeout_s`; None
+    returns the group at once, to be placed whenever the cluster has room."""
     pg = placement_group([bundle(res)] * count, strategy=strategy, name=f"rayrlhf-{role}")
+    if timeout_s is None:
+        return pg
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
@@ -78,7 +86,7 @@ def engine_layout(ro: RolloutConfig) -> EngineLayout:
     """The engines' placement, or PlacementError for one vLLM cannot start."""
     tp = ro.tensor_parallel_size
     if tp == 1:
-        return EngineLayout(1, ro.num_engines, "PACK")
+        return EngineLayout(ro.num_engines, 1, "PACK")
     gpus = ro.resources.num_gpus
     if gpus != 1:
         raise PlacementError(

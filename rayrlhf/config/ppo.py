@@ -139,6 +139,10 @@ class FaultConfig(Section):
     """The adaptive hang limit is never below this many seconds (nor above phase_timeout_s)."""
     hang_warmup: int = Field(2, ge=1)
     """Completed runs of a phase before its limit adapts; until then phase_timeout_s holds."""
+    max_engine_restarts: int = Field(3, ge=0)
+    """A vLLM engine that dies or hangs is replaced in place, its rows generated again by the
+    others with the same seeds, at most this many times per launch; the next loss is a role
+    failure (`max_restarts`). 0 treats an engine like every other role."""
     max_skipped_steps: int = Field(3, ge=1)
     """Consecutive optimizer steps skipped for a non-finite loss or gradient before the run
     stops (the last good checkpoint is kept)."""

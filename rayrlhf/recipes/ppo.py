@@ -34,6 +34,7 @@ from rayrlhf.data.prompts import PromptSet
 from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.recipes.ppo_roles import Roles
 from rayrlhf.runtime.checkpoint import Checkpoints, dataset_fingerprint
+from rayrlhf.runtime.engine_pool import pool_record
 from rayrlhf.runtime.evaluation import Evaluator
 from rayrlhf.runtime.faults import (
     RestartBudget,
@@ -53,6 +54,7 @@ from rayrlhf.runtime.metrics import (
 )
 from rayrlhf.runtime.preflight import check_prompts, context_limit, preflight
 from rayrlhf.runtime.run_dir import note_used_run_dir, write_run_config
+from rayrlhf.runtime.scale import read_request
 from rayrlhf.runtime.stop import EXIT_STOPPED, StopNow, Stopped, StopSignals
 from rayrlhf.types import Experience, Scores, TrainStats
 from rayrlhf.workers.rollout import EngineSample
@@ -239,6 +241,8 @@ class Run:
             self.step = step
             if self.stop.requested:  # before this launch's first step: nothing new to save
                 raise Stopped(self._stop_line(step, self.resume_from))
+            if (engines := read_request(self.dir)) is not None:  # `rayrlhf scale`
+                self.roles.pool.resize(engines)
             yield step
             self.ledger.append(self.prompts.indices(step, size))
             with (self.dir / "ledger.jsonl").open("a") as f:
@@ -302,13 +306,14 @@ class Run:
         rec["rollout/kl_coef"] = beta
         rec.update(evals)
         rec["rollout/truncated_frac"] = sum(s.truncated for s in samples) / len(samples)
+        per_engine = Counter()
+        for s in samples:
+            per_engine[s.engine] += len(s.response_ids)
+        rec.update(pool_record(self.roles.pool, per_engine))
         self.log.write(rec)
         if warning := gap_warning(step, rollout_stats.engine_logprob_gap_mean, self.gap_limit):
             print(warning, flush=True)
         if self.prometheus is not None:
-            per_engine = Counter()
-            for s in samples:
-                per_engine[s.engine] += len(s.response_ids)
             self.prometheus.observe(rec, timer, per_engine)
 
     def finish(self) -> None:

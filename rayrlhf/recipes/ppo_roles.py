@@ -17,9 +17,11 @@ import torch
 
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
+from rayrlhf.cluster.errors import RoleFailed
 from rayrlhf.cluster.placement import threads_for
 from rayrlhf.cluster.waits import HangLimits
 from rayrlhf.config import RankGroupConfig, TrainConfig
+from rayrlhf.runtime.engine_pool import EnginePool
 from rayrlhf.types import (
     Experience,
     LossNorm,
@@ -37,7 +39,7 @@ from rayrlhf.workers.critic import CriticWorker
 from rayrlhf.workers.policy import PolicyWorker, mean_stats
 from rayrlhf.workers.reference import ReferenceWorker
 from rayrlhf.workers.reward import RewardWorker
-from rayrlhf.workers.rollout import RolloutEngine, generate_on
+from rayrlhf.workers.rollout import RolloutEngine
 
 
 def grad_accum_steps(cfg: TrainConfig, group: RankGroupConfig) -> int:
@@ -97,14 +99,21 @@ class Roles:
             "reward", RewardWorker, rw.resources, rw, threads_for(rw.resources),
             cfg.policy.model_path,
         )  # fmt: skip
-        self.engines = actors.start_engines(
-            "rollout", RolloutEngine, ro, lambda i: (cfg.policy.model_path, ro, seed, i)
-        )
+        self.pool = EnginePool(
+            actors, RolloutEngine, ro, lambda i: (cfg.policy.model_path, ro, seed, i),
+            cfg.fault.max_engine_restarts,
+        )  # fmt: skip
         actors.wait_ready()
         self.sync = WeightSync(
-            self.policy, self.engines, cfg.sync, self.get, actors.nodes("policy", "rollout"),
+            self.policy, self.pool.live, cfg.sync, self.get, actors.nodes("policy", "rollout"),
             policy_gpus=cfg.policy.resources.num_gpus, engine_gpus=ro.resources.num_gpus,
         )  # fmt: skip
+        self.pool.attach(self.sync)
+
+    @property
+    def engines(self) -> list:
+        """The engines that serve now (`EnginePool.live`)."""
+        return self.pool.live
 
     def all_actors(self) -> list:
         return self.actors.all()
@@ -123,8 +132,9 @@ class Roles:
     def generate(
         self, prompt_ids: list[list[int]], seed: int, greedy: bool = False, timer=None
     ) -> list[Sample]:
-        """Split the prompts evenly over the engines; results keep the prompts' order."""
-        parts = generate_on(self.engines, prompt_ids, seed, self.get, greedy)
+        """Split the prompts evenly over the engines; results keep the prompts' order. A lost
+        engine's rows are generated again by the others (`EnginePool.generate`)."""
+        parts = self.pool.generate(prompt_ids, seed, greedy)
         _busy(timer, generate=parts)
         return [s for part in parts for s in part.value]
 
@@ -171,8 +181,19 @@ class Roles:
         return mean_stats(pol), mean_stats(crt) if crt else TrainStats(loss=0.0)
 
     def sync_weights(self) -> SyncResult:
-        """Push the policy's new weights into every engine and verify them (`WeightSync.sync`)."""
-        return self.sync.sync()
+        """Push the policy's new weights into every engine and verify them (`WeightSync.sync`).
+        An engine lost on the way is replaced, and the sync runs again over the others."""
+        try:
+            return self.sync.sync()
+        except RoleFailed as fault:
+            lost = fault
+        while True:  # counted once above, whatever the retries
+            self.pool.lost(lost)  # re-raises unless an engine died or hung
+            self.sync.set_engines(self.pool.live, self.actors.nodes("policy", "rollout"))
+            try:
+                return self.sync.sync(hash_bytes=True, counted=False)
+            except RoleFailed as fault:
+                lost = fault
 
     def policy_fingerprint(self, parts: int = 1) -> str:
         """What a sync must deliver (`WeightSync.policy_fingerprint`)."""

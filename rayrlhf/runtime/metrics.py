@@ -205,6 +205,12 @@ class PrometheusMetrics:
             ["engine"],
             registry=reg,
         )
+        self.engines_alive = Gauge(
+            "rayrlhf_engines_alive", "vLLM engines serving, last step", registry=reg
+        )
+        self.engine_restarts = Gauge(
+            "rayrlhf_engine_restarts", "vLLM engines replaced after a death or hang", registry=reg
+        )
         self.steps = Counter("rayrlhf_steps", "Completed RL steps", registry=reg)
         self.tokens_per_sec = Gauge(
             "rayrlhf_tokens_per_sec", "Generated tokens/s, last step", registry=reg
@@ -243,6 +249,8 @@ class PrometheusMetrics:
         for engine, tokens in engines.items():
             self.engine_tokens.labels(engine=str(engine)).inc(tokens)
         self.tokens_per_sec.set(rec["perf/tokens_per_sec"])
+        self.engines_alive.set(rec.get("rollout/engines_alive", 0))
+        self.engine_restarts.set(rec.get("rollout/engine_restarts", 0))
         self.reward.set(rec["rollout/reward_mean"])
         self.kl.set(rec["rollout/kl"])
         self.length.set(rec["rollout/response_length"])

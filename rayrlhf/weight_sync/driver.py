@@ -95,6 +95,18 @@ class WeightSync:
             return "object_store"
         return "shared_memory"
 
+    def set_engines(self, engines: list, nodes: set[str]) -> None:
+        """The pool changed (an engine replaced, added or removed): set the transport up again
+        over `engines`, so that the next sync reaches exactly them. An engine on another node
+        than the policy turns `auto`'s shared memory into the object store; the broadcast group
+        is built anew (the old one is dropped by every member as it joins the new)."""
+        self.engines = list(engines)
+        self.transport = self._resolve_transport(nodes)
+        if self.transport == "shared_memory":
+            self.open_segment()
+        elif self.transport == "broadcast":
+            self._init_broadcast_group()
+
     def open_segment(self) -> None:
         """Map one shared segment, the size of the policy's weights, into every policy rank and
         engine (one node), then unlink its name: the memory goes when the last process that
@@ -140,9 +152,11 @@ class WeightSync:
         gather: bool = False,
         hash_bytes: bool | None = None,
         transport: str | None = None,
+        counted: bool = True,
     ) -> SyncResult:
         """Push the policy's new weights into every engine and verify them there: the bytes on
-        the first and every `verify_every`-th sync, names, dtypes, shapes and sizes always.
+        the first and every `verify_every`-th sync, names, dtypes, shapes and sizes always. An
+        extra sync (`counted` False: a newcomer's) leaves that schedule as it was.
 
         The arguments are for the benchmark's baselines and ablations (see `streamed`):
         `transport` may pick the object store over shared memory; the broadcast's bucket plan is
@@ -151,7 +165,7 @@ class WeightSync:
         mb = bucket_mb or self.cfg.bucket_mb
         if hash_bytes is None:
             hash_bytes = self._syncs % self.cfg.verify_every == 0
-        self._syncs += 1
+        self._syncs += counted
         transport = transport or self.transport
         if transport == "broadcast":
             return self.broadcast(mb, hash_bytes)

@@ -79,7 +79,7 @@ def test_each_tp_engine_gets_its_own_group_of_single_gpu_bundles(local_ray):
 
 def test_tp_layout_rules():
     one = RolloutConfig(num_engines=3, resources=Resources(num_gpus=1))
-    assert (engine_layout(one).groups, engine_layout(one).bundles) == (1, 3)
+    assert (engine_layout(one).groups, engine_layout(one).bundles) == (3, 1)  # one group each
     tp = RolloutConfig(num_engines=3, tensor_parallel_size=2, resources=Resources(num_gpus=1))
     assert engine_layout(tp) == type(engine_layout(tp))(3, 2, "STRICT_PACK")
     assert vllm_executor_backend(2) == "ray" and vllm_executor_backend(1) is None
