@@ -128,10 +128,16 @@ class ActorSet:
         ray.kill(self.actors[role].pop(i))
         remove_placement_group(self.groups[role].pop(i))
 
-    def placed(self, role: str, actor) -> bool:
-        """Whether the placement group of `actor` (of a role with a group per actor) is placed."""
+    def placed(self, role: str, actor, timeout: float = 0) -> bool:
+        """Whether the placement group of `actor` (of a role with a group per actor) is placed,
+        waiting up to `timeout` seconds for it."""
+        from ray.util.placement_group import placement_group_table
+
         i = next(i for i, a in enumerate(self.actors[role]) if a is actor)
-        ready, _ = ray.wait([self.groups[role][i].ready()], timeout=0)
+        pg = self.groups[role][i]
+        if timeout <= 0:  # the table, not `pg.ready()`: a fresh ref is never ready at once
+            return placement_group_table(pg)["state"] == "CREATED"
+        ready, _ = ray.wait([pg.ready()], timeout=timeout)
         return bool(ready)
 
     def nodes(self, *roles: str) -> set[str]:

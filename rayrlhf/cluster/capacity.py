@@ -85,8 +85,12 @@ def role_bundles(cfg: TrainConfig) -> list[RoleRequest]:
 
 
 def cpus_needed(cfg: TrainConfig) -> float:
-    """Logical CPUs that every role's bundles of a PPO run add up to."""
-    return sum(r.bundle.get("CPU", 0.0) * r.count * r.groups for r in role_bundles(cfg))
+    """Logical CPUs that every role's bundles of a PPO run add up to, with room for the engines
+    up to `rollout.max_engines` (what a local Ray is started with)."""
+    ro = cfg.rollout
+    room = max(0, (ro.max_engines or 0) - ro.num_engines) * ro.tensor_parallel_size
+    total = sum(r.bundle.get("CPU", 0.0) * r.count * r.groups for r in role_bundles(cfg))
+    return total + room * ro.resources.num_cpus
 
 
 def plan_placement(cfg: TrainConfig, shape: ClusterShape) -> list[RolePlacement]:

@@ -26,6 +26,9 @@ class ReferenceConfig(Section):
 class RolloutConfig(Section):
     num_engines: int = Field(1, ge=1)
     """vLLM engines (Ray actors), scaled independently of the trainer ranks."""
+    max_engines: int | None = Field(None, ge=1)
+    """The most engines `rayrlhf scale` will ask for (None: num_engines). Only a local Ray
+    uses it, to size itself with room for them; a cluster grants what it has."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor parallelism inside each engine (GPU only)."""
     max_new_tokens: int = Field(24, ge=1)

@@ -181,6 +181,8 @@ class Run:
         """The step in progress (0-based), None before the first."""
         self.stop = StopSignals()
         self.restarts = RestartBudget(cfg.fault.max_restarts)
+        self.scale_request: int | None = None
+        """The last `rayrlhf scale` request applied."""
         self.gap_limit = pair_gap_limit(*compute_dtypes(cfg))
 
     def __enter__(self) -> Run:
@@ -241,8 +243,7 @@ class Run:
             self.step = step
             if self.stop.requested:  # before this launch's first step: nothing new to save
                 raise Stopped(self._stop_line(step, self.resume_from))
-            if (engines := read_request(self.dir)) is not None:  # `rayrlhf scale`
-                self.roles.pool.resize(engines)
+            self._apply_scale_request()
             yield step
             self.ledger.append(self.prompts.indices(step, size))
             with (self.dir / "ledger.jsonl").open("a") as f:
@@ -252,6 +253,14 @@ class Run:
                 print(f"checkpoint: {path}", flush=True)
                 if self.stop.requested:
                     raise Stopped(self._stop_line(step + 1, path))
+
+    def _apply_scale_request(self) -> None:
+        """A new `rayrlhf scale` request resizes the pool (once: one the cluster had no room
+        for is not retried every step)."""
+        engines = read_request(self.dir)
+        if engines is not None and engines != self.scale_request:
+            self.scale_request = engines
+            self.roles.pool.resize(engines)
 
     def recover(self, fault: RoleFailed) -> None:
         """After `fault`: log it, then rebuild every role and go on from the newest complete
@@ -270,6 +279,7 @@ class Run:
         self.log = self.roles = None
         self.resume_from = checkpoint
         self.roles = Roles(self.cfg)
+        self.scale_request = None  # the new pool starts at num_engines: ask again
         self._resume()
         self.log = StepLog(self.dir, self.cfg.steps, tensorboard=self.cfg.metrics.tensorboard)
 

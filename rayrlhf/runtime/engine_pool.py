@@ -143,7 +143,10 @@ class EnginePool:
         return engine
 
     def resize(self, n: int) -> None:
-        """Serve with `n` engines from the next generate: start or stop the difference."""
+        """Serve with `n` engines from the next generate. Called at a step boundary, where no
+        generate is in flight: removed engines have nothing to drain, and new ones start and
+        receive the weights now, so they take their share of the next batch. One that finds no
+        room within placement_timeout_s is given up with a message."""
         if n == self.target:
             return
         print(f"rayrlhf: engines {self.target} -> {n} (rayrlhf scale)", flush=True)
@@ -153,8 +156,11 @@ class EnginePool:
                 self.actors.release_one(ROLE, self.joining.pop().actor)
             else:
                 self._remove(self.live[-1])
-        self._fill()
-        self._resync()
+        if len(self.live) + len(self.joining) < n:
+            self._fill()
+            self.admit(wait=True, every=True)
+        else:
+            self._resync()
 
     def _remove(self, engine) -> None:
         self.live = [e for e in self.live if e is not engine]
@@ -170,25 +176,38 @@ class EnginePool:
             self.index[id(actor)] = i
             self.joining.append(Joining(actor, i, actor.__ray_ready__.remote()))
 
-    def admit(self, wait: bool = False) -> None:
-        """Engines whose start finished serve from now on, once the weights reached them; with
-        `wait`, block (within the start-up limit) until at least one has. A joining engine that
-        fails to start counts as a restart; one whose group is not placed in time is dropped."""
-        while self.joining:
-            ready = self._started(wait and not self.live)
-            if not ready:
-                return
+    def admit(self, wait: bool = False, every: bool = False) -> None:
+        """Engines whose start finished serve from now on, once the weights reached them. With
+        `wait`, first block until one has started (`every`: all of them), within
+        placement_timeout_s for its group and phase_timeout_s for its start. A joining engine
+        that fails to start counts as a restart; one whose group is not placed in time is
+        dropped. Raises RoleFailed when, waiting, no engine is left to serve."""
+        if wait:
+            self._await(every)
+        ready = self._started()
+        if ready:
             self.live += ready
             self._resync()
             for e in ready:
                 print(f"rayrlhf: engine {self.index[id(e)]} serves (weights synced and "
                       f"verified); {len(self.live)} serving", flush=True)  # fmt: skip
+        if wait and not self.live:
+            raise RoleFailed(ROLE, -1, "generate", "died", "no engine could start or be placed")
 
-    def _started(self, block: bool) -> list:
-        """The joining engines whose constructors returned (waiting for one with `block`)."""
+    def _await(self, every: bool) -> None:
+        limit = self.actors.placement_timeout
+        for j in list(self.joining):
+            if not self.actors.placed(ROLE, j.actor, j.started + limit - time.monotonic()):
+                self._give_up(j)
+        refs = [j.ready for j in self.joining]
+        if refs:
+            n = len(refs) if every else 1
+            ray.wait(refs, num_returns=n, timeout=self.actors.timeout)
+
+    def _started(self) -> list:
+        """The joining engines whose constructors returned; those that raised are replaced,
+        those whose group found no room in time are given up."""
         refs = {j.ready: j for j in self.joining}
-        if block:
-            ray.wait(list(refs), num_returns=1, timeout=self.actors.timeout)
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
         out = []
         for ref in ready:
@@ -200,22 +219,21 @@ class EnginePool:
             except RoleFailed as fault:
                 self.live.append(j.actor)  # `lost` takes it out again and replaces it
                 self.lost(fault)
-        if block and not out and not self.live:
-            raise TimeoutError(f"no rollout engine started within {self.actors.timeout}s")
-        self._give_up_unplaced()
-        return out
-
-    def _give_up_unplaced(self) -> None:
         limit = self.actors.placement_timeout
         for j in [j for j in self.joining if time.monotonic() - j.started > limit]:
-            if self.actors.placed(ROLE, j.actor):
-                continue  # placed and still loading: it joins later
-            print(f"rayrlhf: engine {j.index} found no room on the cluster within {limit:.0f}s; "
-                  f"going on with {len(self.live)} (free: {ray.available_resources()})",
-                  flush=True)  # fmt: skip
-            self.joining.remove(j)
-            self.actors.release_one(ROLE, j.actor)
-            self.target -= 1
+            if not self.actors.placed(ROLE, j.actor):
+                self._give_up(j)
+        return out
+
+    def _give_up(self, j: Joining) -> None:
+        limit = self.actors.placement_timeout
+        free = {k: v for k, v in ray.available_resources().items() if "_group_" not in k}
+        print(f"rayrlhf: engine {j.index} found no room on the cluster within {limit:.0f}s "
+              f"(free: {free}; a local run has room for rollout.max_engines); going on with "
+              f"{len(self.live)}", flush=True)  # fmt: skip
+        self.joining.remove(j)
+        self.actors.release_one(ROLE, j.actor)
+        self.target -= 1
 
     def _resync(self) -> None:
         """Set the transport up over the serving engines and push the current weights to them,

@@ -1,8 +1,9 @@
 """Fault matrix rows "engine hung", "policy rank killed", "reward actor killed", for real.
 
-One CLI launch of the tiny recipe with `fault.max_restarts: 2` and checkpoints every 2 steps:
-  1. SIGSTOP of the vLLM engine (a hang): found within the adapted limit, the driver restarts;
-  2. SIGKILL of a policy ZeRO-3 rank: the driver restarts again, from the newest checkpoint;
+One CLI launch of the tiny recipe with `fault.max_restarts: 1` and checkpoints every 2 steps:
+  1. SIGSTOP of the vLLM engine (a hang): found within the adapted limit and replaced in place
+     by the engine pool, the other roles untouched (issue 20's acceptance 4);
+  2. SIGKILL of a policy ZeRO-3 rank: the driver rebuilds every role from the newest checkpoint;
   3. SIGKILL of the reward actor: no restart left, so one `rayrlhf:` line and exit 1.
 Then `--resume` finishes the run. Nothing lost: every step's metrics and ledger line once, no
 prompt twice. The processes are found among the CLI's descendants by Ray's process titles.
@@ -32,7 +33,7 @@ HANG_MIN_S = 20.0  # well above any phase of the tiny run, even on a loaded mach
 def _cli(tiny_models, run_dir: Path, *extra: str) -> list[str]:
     sets = [
         *tiny_ppo_sets(tiny_models, run_dir, STEPS, BATCH),
-        "fault.max_restarts=2",
+        "fault.max_restarts=1",
         f"fault.hang_min_s={HANG_MIN_S}",
         "fault.hang_factor=5",
         "fault.hang_warmup=1",
@@ -79,20 +80,19 @@ def test_hang_and_dead_actors_restart_then_one_line_and_resume(tiny_models, tmp_
             (engine,) = _actor_pids(driver, "ray::RolloutEngine")
             stopped_at = time.monotonic()
             psutil.Process(engine).send_signal(signal.SIGSTOP)
-            _wait(lambda: "restart 1/2" in log.read_text(), proc, "the hang's restart")
+            _wait(lambda: "(engine restart 1/" in log.read_text(), proc, "the hang's replacement")
             found_after = time.monotonic() - stopped_at
 
-            _wait(lambda: len(_lines(metrics)) >= 4 and "restart 1/2" in log.read_text(), proc,
-                  "step 4 after the restart")  # fmt: skip
+            _wait(lambda: _lines(metrics)[-1]["rollout/engine_restarts"] == 1, proc,
+                  "a step after the replacement")  # fmt: skip
             ranks = _actor_pids(driver, "ray::PolicyWorker")
             assert len(ranks) == 2, ranks
             rank_killed_at = time.monotonic()
             psutil.Process(ranks[1]).kill()
-            _wait(lambda: "restart 2/2" in log.read_text(), proc, "the dead rank's restart")
+            _wait(lambda: "(restart 1/1)" in log.read_text(), proc, "the dead rank's restart")
             rank_found_after = time.monotonic() - rank_killed_at
-
-            _wait(lambda: len(_lines(metrics)) >= 5 and "restart 2/2" in log.read_text(), proc,
-                  "step 5 after the second restart")  # fmt: skip
+            _wait(lambda: re.search(r"\(restart 1/1\)[\s\S]*\nstep \d+/", log.read_text()),
+                  proc, "a step after the restart")  # fmt: skip
             (reward,) = _actor_pids(driver, "ray::RewardWorker")
             killed_at = time.monotonic()
             psutil.Process(reward).kill()
@@ -102,7 +102,7 @@ def test_hang_and_dead_actors_restart_then_one_line_and_resume(tiny_models, tmp_
             if proc.poll() is None:
                 proc.kill()
     text = log.read_text()
-    hang = re.search(r"rayrlhf: rollout 0 hung during \w+ at step \d+ \(no answer in", text)
+    hang = re.search(r"rayrlhf: rollout 0 hung during \w+ \(no answer in \d+s", text)
     dead = re.search(r"rayrlhf: policy [01] died during \w+ at step \d+ \(", text)
     assert hang and dead, text[-4000:]
     # The hang is found within the adapted limit (~HANG_MIN_S here), not phase_timeout_s.
