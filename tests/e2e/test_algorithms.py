@@ -49,10 +49,12 @@ def test_grpo_with_a_rule_reward_learns_without_a_critic(tiny_models, tmp_path):
 
 
 def test_adaptive_kl_controller_holds_kl_near_target():
-    """benchmarks/kl_control.py's adaptive run: over the second half, KL stays within 2x of
-    target. Here all 30 steps do (min 1.86, max 5.62 for target 3; a fixed beta reaches 8.6 to
-    31); the assertion leaves room for another CPU's rounding to move a step or two."""
-    cmd = [sys.executable, "benchmarks/kl_control.py", "--no-baseline", "--steps", "60"]
+    """benchmarks/kl_control.py's adaptive run, 40 steps: over the second half (steps 20-39),
+    KL stays within 2x of target. In the committed 60-step results all of steps 20-39 do (min
+    1.97, max 5.44 for target 3) while a fixed beta's second half has a mean of ~10 and 8 of 20
+    steps in the band, so both assertions still fail without the controller; they leave room
+    for another CPU's rounding to move a step or two."""
+    cmd = [sys.executable, "benchmarks/kl_control.py", "--no-baseline", "--steps", "40"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

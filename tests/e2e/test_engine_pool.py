@@ -7,6 +7,7 @@
      current weights, not the checkpoint's it started from.
   2. `rayrlhf scale RUN_DIR --engines 2`, then `--engines 1`: both applied at a step boundary,
      and the per-engine token counts show two engines sharing the batch, then one.
+The weights travel by the broadcast transport, whose group is rebuilt at every change.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def test_killed_engine_is_replaced_and_scale_applies_live(tiny_models, tmp_path)
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     metrics = run_dir / "metrics.jsonl"
     sets = [*tiny_ppo_sets(tiny_models, run_dir, STEPS, checkpoint_every=0), "policy.num_ranks=1"]
-    sets += ["rollout.max_engines=2"]
+    # The broadcast group (NCCL's transport on GPUs; gloo here) is the one a changed pool must
+    # rebuild; shared memory's new segment is covered by tests/faults/test_dead_actor.py.
+    sets += ["rollout.max_engines=2", "sync.transport=broadcast"]
     cmd = [sys.executable, "-m", "rayrlhf.cli", "train", "--config", "configs/tiny-cpu.yaml"]
     cmd += [a for s in sets for a in ("--set", s)]
     with log.open("w") as out:

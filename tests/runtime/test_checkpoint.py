@@ -1,7 +1,7 @@
 """Checkpoints without Ray: atomic write, rotation, driver state, resume compatibility.
 
 The ranks' part is stood in for by a object that writes one torch file per group where the
-DeepSpeed ranks would (the real ranks are exercised by tests/e2e/test_resume.py). Broken,
+DeepSpeed ranks would (the real ranks are exercised by tests/e2e/test_job_submit.py). Broken,
 tampered and unwritable checkpoints are rows of the fault matrix:
 tests/faults/test_checkpoint_faults.py, which shares the helpers here.
 """
