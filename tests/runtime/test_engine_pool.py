@@ -1,5 +1,6 @@
 """The engine pool on real vLLM engines (Ray actors, vLLM CPU): a killed engine's rows come back
 the same from the survivor, the engine is replaced in a placement group of its own, the pool
+grows only where there is room (else the request is refused within placement_timeout_s) and
 shrinks on request, and the restart budget ends a crash loop. No trainer here, so no weights to
 sync: every engine serves the checkpoint's (tests/e2e/test_engine_pool.py has the whole run)."""
 
@@ -34,9 +35,9 @@ def test_a_killed_engine_gives_the_same_batch_and_is_replaced(tiny_models):
     prompts = [tok(p)["input_ids"] for p in demo_prompts(ROWS // 2, seed=0)]
     prompts = [p for p in prompts for _ in range(2)]  # n=2 runs, as GRPO lays them out
     ro = RolloutConfig(num_engines=2, max_new_tokens=48, dtype="float32", kv_cache_gib=0.25)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # room for 2 engines
     try:
-        with ActorSet(600, 60) as actors:
+        with ActorSet(600, placement_timeout_s=5) as actors:
             pool = EnginePool(
                 actors, RolloutEngine, ro, lambda i: (str(tiny_models["policy"]), ro, 0, i), 1
             )
@@ -64,6 +65,10 @@ def test_a_killed_engine_gives_the_same_batch_and_is_replaced(tiny_models):
             assert _batch(again) == _batch(clean)
             groups = list(actors.groups["rollout"])
             assert len(groups) == 2 and len({pg.id for pg in groups}) == 2
+
+            pool.resize(3)  # no room for a third: refused with a message, never a hang
+            assert pool.target == 2 and len(pool.live) == 2 and not pool.joining
+            assert len(actors.groups["rollout"]) == 2
 
             pool.resize(1)  # the last one goes, and its group with it
             assert pool.live == [first] and len(actors.groups["rollout"]) == 1
