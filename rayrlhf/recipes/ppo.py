@@ -275,10 +275,11 @@ class Run:
         print(f"{line.split('; resume')[0]}; restarting from it (restart {r.used}/{r.max})",
               flush=True)  # fmt: skip
         self.log.close()
+        engine_restarts = self.roles.pool.restarts  # the budget is the launch's
         self.roles.shutdown()
         self.log = self.roles = None
         self.resume_from = checkpoint
-        self.roles = Roles(self.cfg)
+        self.roles = Roles(self.cfg, engine_restarts)
         self.scale_request = None  # the new pool starts at num_engines: ask again
         self._resume()
         self.log = StepLog(self.dir, self.cfg.steps, tensorboard=self.cfg.metrics.tensorboard)

@@ -17,7 +17,6 @@ import torch
 
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
-from rayrlhf.cluster.errors import RoleFailed
 from rayrlhf.cluster.placement import threads_for
 from rayrlhf.cluster.waits import HangLimits
 from rayrlhf.config import RankGroupConfig, TrainConfig
@@ -65,8 +64,9 @@ class Roles:
     """Handles to every actor of a run, created in their own placement groups. A failure while
     they start releases every actor already started."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, engine_restarts: int = 0) -> None:
         self.cfg = cfg
+        self.engine_restarts = engine_restarts  # carried over when the driver rebuilds them
         self.timeout = cfg.phase_timeout_s
         f = cfg.fault  # phases' limits adapt to their measured times (a hang in ~a minute)
         hangs = HangLimits(cfg.phase_timeout_s, f.hang_factor, f.hang_min_s, f.hang_warmup)
@@ -101,7 +101,7 @@ class Roles:
         )  # fmt: skip
         self.pool = EnginePool(
             actors, RolloutEngine, ro, lambda i: (cfg.policy.model_path, ro, seed, i),
-            cfg.fault.max_engine_restarts,
+            cfg.fault.max_engine_restarts, self.engine_restarts,
         )  # fmt: skip
         actors.wait_ready()
         self.sync = WeightSync(
@@ -182,18 +182,8 @@ class Roles:
 
     def sync_weights(self) -> SyncResult:
         """Push the policy's new weights into every engine and verify them (`WeightSync.sync`).
-        An engine lost on the way is replaced, and the sync runs again over the others."""
-        try:
-            return self.sync.sync()
-        except RoleFailed as fault:
-            lost = fault
-        while True:  # counted once above, whatever the retries
-            self.pool.lost(lost)  # re-raises unless an engine died or hung
-            self.sync.set_engines(self.pool.live, self.actors.nodes("policy", "rollout"))
-            try:
-                return self.sync.sync(hash_bytes=True, counted=False)
-            except RoleFailed as fault:
-                lost = fault
+        An engine lost on the way is replaced (`EnginePool.sync_weights`)."""
+        return self.pool.sync_weights()
 
     def policy_fingerprint(self, parts: int = 1) -> str:
         """What a sync must deliver (`WeightSync.policy_fingerprint`)."""

@@ -60,11 +60,13 @@ class EnginePool:
         ro: RolloutConfig,
         make: Callable[[int], tuple],
         max_restarts: int,
+        restarts: int = 0,
     ) -> None:
         self.actors, self.cls, self.ro, self.make = actors, cls, ro, make
         self.max_restarts = max_restarts
-        self.restarts = 0
-        """Engines replaced after a death or hang so far (`rollout/engine_restarts`)."""
+        self.restarts = restarts
+        """Engines replaced after a death or hang this launch (`rollout/engine_restarts`),
+        carried over when the driver rebuilds every role."""
         self.regenerated_rows = 0
         """Rows generated again because their engine was lost mid-call."""
         self.target = ro.num_engines
@@ -74,10 +76,26 @@ class EnginePool:
         self.index = {id(a): i for i, a in enumerate(self.live)}
         self.joining: list[Joining] = []
         self._next = len(self.live)
+        self._stale = False
+        """`live` changed since the transport was last set up over it."""
 
     def attach(self, sync) -> None:
         """The run's `WeightSync`, built over `live` once every engine started."""
         self.sync = sync
+
+    def sync_weights(self):
+        """The step's weight sync over the engines that serve (`WeightSync.sync`). An engine
+        lost on the way is replaced and the sync runs again over the others, its bytes hashed;
+        the retries leave `verify_every`'s schedule as one sync would."""
+        counted = True
+        while True:
+            if self._stale:
+                self._set_up()
+            try:
+                return self.sync.sync(hash_bytes=None if counted else True, counted=counted)
+            except RoleFailed as fault:
+                self.lost(fault)  # re-raises unless an engine died or hung
+                counted = False
 
     # ---- generate -------------------------------------------------------------------------
 
@@ -137,7 +155,8 @@ class EnginePool:
             f = fault
             cause = f"{f.cause}; no engine restart left ({self.max_restarts} used)"
             raise RoleFailed(f.role, f.rank, f.phase, f.kind, cause) from fault
-        print(f"rayrlhf: {fault}; replacing it ({used})", flush=True)
+        print(f"rayrlhf: rollout {self.index[id(engine)]} {fault.kind} during {fault.phase} "
+              f"({fault.cause}); replacing it ({used})", flush=True)  # fmt: skip
         self._remove(engine)
         self._fill()
         return engine
@@ -164,6 +183,7 @@ class EnginePool:
 
     def _remove(self, engine) -> None:
         self.live = [e for e in self.live if e is not engine]
+        self._stale = True
         self.actors.release_one(ROLE, engine)
 
     def _fill(self) -> None:
@@ -178,21 +198,25 @@ class EnginePool:
 
     def admit(self, wait: bool = False, every: bool = False) -> None:
         """Engines whose start finished serve from now on, once the weights reached them. With
-        `wait`, first block until one has started (`every`: all of them), within
-        placement_timeout_s for its group and phase_timeout_s for its start. A joining engine
-        that fails to start counts as a restart; one whose group is not placed in time is
-        dropped. Raises RoleFailed when, waiting, no engine is left to serve."""
-        if wait:
-            self._await(every)
-        ready = self._started()
-        if ready:
-            self.live += ready
-            self._resync()
-            for e in ready:
-                print(f"rayrlhf: engine {self.index[id(e)]} serves (weights synced and "
-                      f"verified); {len(self.live)} serving", flush=True)  # fmt: skip
-        if wait and not self.live:
-            raise RoleFailed(ROLE, -1, "generate", "died", "no engine could start or be placed")
+        `wait`, block until one serves (`every`: until none is joining), each start bounded by
+        placement_timeout_s for its group and phase_timeout_s for its constructor. A joining
+        engine that fails or hangs in its start counts as a restart (and is replaced); one
+        whose group is not placed in time is dropped. Raises RoleFailed when, waiting, no
+        engine is left to serve."""
+        while True:
+            if wait:
+                self._await(every)
+            ready = self._started()
+            if ready:
+                self.live += ready
+                self._resync()
+                for e in ready:
+                    print(f"rayrlhf: engine {self.index[id(e)]} serves (weights synced and "
+                          f"verified); {len(self.live)} serving", flush=True)  # fmt: skip
+            if not wait or (self.live and not (every and self.joining)):
+                return
+            if not self.joining:
+                raise RoleFailed(ROLE, -1, "generate", "died", "no engine could start or be placed")
 
     def _await(self, every: bool) -> None:
         limit = self.actors.placement_timeout
@@ -223,7 +247,16 @@ class EnginePool:
         for j in [j for j in self.joining if time.monotonic() - j.started > limit]:
             if not self.actors.placed(ROLE, j.actor):
                 self._give_up(j)
+            elif time.monotonic() - j.started > limit + self.actors.timeout:
+                self.joining.remove(j)  # placed, but its constructor never returned
+                self.live.append(j.actor)  # `lost` takes it out again and replaces it
+                rank = self._rank(j.actor)
+                self.lost(RoleFailed(ROLE, rank, "engine start-up", "hung", "it never started"))
         return out
+
+    def _rank(self, actor) -> int:
+        """`actor`'s position in the ActorSet's list of engines (what `RoleFailed.rank` says)."""
+        return next(i for i, a in enumerate(self.actors.actors[ROLE]) if a is actor)
 
     def _give_up(self, j: Joining) -> None:
         limit = self.actors.placement_timeout
@@ -237,10 +270,25 @@ class EnginePool:
 
     def _resync(self) -> None:
         """Set the transport up over the serving engines and push the current weights to them,
-        their bytes hashed (a newcomer's fingerprint checked before it generates)."""
-        if self.sync is not None:
-            self.sync.set_engines(self.live, self.actors.nodes("policy", ROLE))
-            self.sync.sync(hash_bytes=True, counted=False)
+        their bytes hashed (a newcomer's fingerprint checked before it generates). An engine
+        lost on the way is replaced and the push runs again over the others."""
+        while self.sync is not None:
+            self._set_up()
+            try:
+                self.sync.sync(hash_bytes=True, counted=False)
+                return
+            except RoleFailed as fault:
+                self.lost(fault)
+
+    def _set_up(self) -> None:
+        """`WeightSync.set_engines` over `live`, with the nodes of the policy and of `live`."""
+        from ray.util.placement_group import placement_group_table
+
+        groups = self.actors.groups
+        pgs = groups.get("policy", []) + [groups[ROLE][self._rank(e)] for e in self.live]
+        nodes = {n for pg in pgs for n in placement_group_table(pg)["bundles_to_node_id"].values()}
+        self.sync.set_engines(self.live, nodes)
+        self._stale = False
 
 
 def pool_record(pool: EnginePool, tokens: dict[int, int]) -> dict[str, float]:

@@ -56,7 +56,7 @@ class WeightSync:
         policy_gpus: float = 0,
         engine_gpus: float = 0,
     ) -> None:
-        self.policy, self.engines, self.cfg, self.get = policy, engines, cfg, get
+        self.policy, self.engines, self.cfg, self.get = policy, list(engines), cfg, get
         self.gpus = policy_gpus > 0 and engine_gpus > 0
         self._num_buckets: dict[float, int] = {}
         self._syncs = 0  # syncs so far: every `verify_every`-th hashes the bytes

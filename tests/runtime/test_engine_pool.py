@@ -2,7 +2,7 @@
 the same from the survivor, the engine is replaced in a placement group of its own, the pool
 grows only where there is room (else the request is refused within placement_timeout_s) and
 shrinks on request, and the restart budget ends a crash loop. No trainer here, so no weights to
-sync: every engine serves the checkpoint's (tests/e2e/test_engine_pool.py has the whole run)."""
+sync: every engine serves the checkpoint's (tests/e2e/test_elastic_pool.py has the whole run)."""
 
 from __future__ import annotations
 
