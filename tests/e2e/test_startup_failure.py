@@ -75,7 +75,7 @@ def test_ppo_placement_failure_releases_every_started_role(local_ray, tiny_model
     )
     blocker = _block(CPUS - 5)  # room for every role but the rollout engine, reserved last
     try:
-        with pytest.raises(PlacementError, match="rollout: could not reserve"):
+        with pytest.raises(PlacementError, match="rollout-0: could not reserve"):  # its own group
             train(cfg)
         assert _left_behind(blocker) == ([], [])
     finally:
