@@ -4,6 +4,7 @@ resume in tests/e2e and tests/faults. tests/ is on sys.path (tests/conftest.py i
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -25,3 +26,12 @@ def tiny_ppo_sets(
         "metrics.plots=false",
         "metrics.tensorboard=false",
     ]
+
+
+def wait_while_running(cond, proc, what: str, timeout: float = 600) -> None:
+    """Poll `cond` until true; fail if the CLI process `proc` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the run exited {proc.returncode} before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from tiny_runs import tiny_ppo_sets
+from tiny_runs import wait_while_running as _wait
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +33,6 @@ LOGPROB_TOL = 1e-3  # tests/e2e/test_stack.py: fp32 on both ends agrees to ~1e-6
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert proc.poll() is None, f"the run exited {proc.returncode} before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _scale(run_dir: Path, n: int) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from tiny_runs import tiny_ppo_sets
+from tiny_runs import wait_while_running as _wait
 
 pytestmark = pytest.mark.slow
 
@@ -57,14 +58,6 @@ def _actor_pids(driver: psutil.Process, title: str) -> list[int]:
         except psutil.Error:
             pass
     return sorted(out)
-
-
-def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert proc.poll() is None, f"the run exited {proc.returncode} before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_hang_and_dead_actors_restart_then_one_line_and_resume(tiny_models, tmp_path):
