@@ -28,10 +28,12 @@ def tiny_ppo_sets(
     ]
 
 
-def wait_while_running(cond, proc, what: str, timeout: float = 600) -> None:
-    """Poll `cond` until true; fail if the CLI process `proc` exits first or `timeout` passes."""
+def wait_while_running(cond, proc, what: str, log: Path, timeout: float = 600) -> None:
+    """Poll `cond` until true; fail if the CLI process `proc` exits first or `timeout` passes,
+    with the tail of its `log` (all a CI report shows of the run)."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert proc.poll() is None, f"the run exited {proc.returncode} before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        tail = log.read_text()[-6000:] if log.exists() else ""
+        assert proc.poll() is None, f"the run exited {proc.returncode} before {what}:\n{tail}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{tail}"
         time.sleep(0.2)

@@ -90,19 +90,37 @@ def _actor_of(ref) -> str | None:
     return None if actor.is_nil() else actor.hex()
 
 
+DEATH_GRACE_S = 10.0
+"""How long a raised error waits for a death among the other calls: a member of a collective
+whose peer was killed raises at once (a closed connection), and Ray reports the death later."""
+
+
 def _culprit(refs, err: Exception):
     """The ref whose error to report, and that error: a dead actor before one that raised,
-    since a rank whose peer died usually fails too (a broken collective) and is not the cause."""
+    since a rank whose peer died usually fails too (a broken collective) and is not the cause.
+    `ray.get` raises at the first error, so the calls still running get `DEATH_GRACE_S`."""
+    _, pending = ray.wait(_as_list(refs), num_returns=len(_as_list(refs)), timeout=0)
+    found = _errors([r for r in _as_list(refs) if r not in pending])
+    deadline = time.monotonic() + DEATH_GRACE_S
+    while pending and not _deaths(found) and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        found += _errors(ready)
+    return (_deaths(found) or found or [(None, err)])[0]
+
+
+def _errors(ready: list) -> list:
+    """(ref, error) for each of the finished `ready` refs that holds an error."""
     found = []
-    for ref in _as_list(refs):
-        ready, _ = ray.wait([ref], timeout=0)
-        if ready:
-            try:
-                ray.get(ref, timeout=0)
-            except ray.exceptions.RayError as e:
-                found.append((ref, e))
-    died = [f for f in found if isinstance(f[1], ray.exceptions.RayActorError)]
-    return (died or found or [(None, err)])[0]
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayError as e:
+            found.append((ref, e))
+    return found
+
+
+def _deaths(found: list) -> list:
+    return [f for f in found if isinstance(f[1], ray.exceptions.RayActorError)]
 
 
 def _describe(err: Exception) -> tuple[FailureKind, str]:

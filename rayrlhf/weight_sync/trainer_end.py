@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -159,8 +160,21 @@ class WeightSender:
             for _ in buckets:
                 pass
             return None
-        fp, n = send_broadcast(self._sync_group, buckets, self._sync_device, hash_bytes)
-        return SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, n, hash_bytes)
+        try:
+            fp, n = send_broadcast(self._sync_group, buckets, self._sync_device, hash_bytes)
+            return SyncResult(fp.hexdigest(), fp.num_bytes, fp.num_tensors, n, hash_bytes)
+        except Exception as err:  # a member died or the group timed out
+            failure = f"{type(err).__name__}: {str(err).strip()[:300]}"
+        # Out of the except block the traceback, which holds the group, is gone: aborting it
+        # (NCCL's communicators) and dropping the last reference (gloo's connections) makes the
+        # members still waiting on a bucket fail now, not after group_timeout_s, and free for
+        # the next set-up. The other ranks' gathers are collectives, so rank 0 keeps in step.
+        self._sync_group.abort()
+        self._sync_group = None
+        gc.collect()
+        for _ in buckets:
+            pass
+        raise RuntimeError(f"weight broadcast to the engines failed ({failure})")
 
     def fingerprint(self, bucket_mb: float, parts: int = 1) -> str | None:
         """Fingerprint of the current full weights as a sync sends them: each tensor whole

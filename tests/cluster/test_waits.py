@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -92,5 +93,18 @@ def test_get_named_names_the_dead_hung_or_raising_actor():
         f = err.value
         assert (f.role, f.rank, f.phase, f.kind) == ("policy", 1, "sync", "died")
         assert isinstance(f.__cause__, ray.exceptions.RayActorError)
+
+        # A collective's survivor raises at once when its peer is killed, and Ray reports the
+        # death after that: the dead peer is named, not the survivor that raised first.
+        roles["rollout"] = [_Worker.remote()]
+        (peer,) = roles["rollout"]
+        ids[peer._actor_id.hex()] = ("rollout", 0)
+        killer = threading.Timer(1.0, os.kill, (ray.get(peer.pid.remote()), signal.SIGKILL))
+        refs = [roles["reward"][0].boom.remote(), peer.wait.remote(30)]
+        killer.start()
+        with pytest.raises(RoleFailed) as err:
+            get_named(refs, "sync", HangLimits(60), lambda h: ids[h])
+        f = err.value
+        assert (f.role, f.rank, f.kind) == ("rollout", 0, "died") and f.restartable
     finally:
         ray.shutdown()

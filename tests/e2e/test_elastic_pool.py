@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import psutil
 import pytest
-from tiny_runs import tiny_ppo_sets
-from tiny_runs import wait_while_running as _wait
+from tiny_runs import tiny_ppo_sets, wait_while_running
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,7 @@ def _engines(rec: dict) -> dict[str, int]:
 
 def test_killed_engine_is_replaced_and_scale_applies_live(tiny_models, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    _wait = partial(wait_while_running, log=log)
     metrics = run_dir / "metrics.jsonl"
     sets = [*tiny_ppo_sets(tiny_models, run_dir, STEPS, checkpoint_every=0), "policy.num_ranks=1"]
     # The broadcast group (NCCL's transport on GPUs; gloo here) is the one a changed pool must

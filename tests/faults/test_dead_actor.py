@@ -17,12 +17,12 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import psutil
 import pytest
-from tiny_runs import tiny_ppo_sets
-from tiny_runs import wait_while_running as _wait
+from tiny_runs import tiny_ppo_sets, wait_while_running
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,7 @@ def _actor_pids(driver: psutil.Process, title: str) -> list[int]:
 
 def test_hang_and_dead_actors_restart_then_one_line_and_resume(tiny_models, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "launch1.log"
+    _wait = partial(wait_while_running, log=log)
     metrics = run_dir / "metrics.jsonl"
     with log.open("w") as out:
         proc = subprocess.Popen(

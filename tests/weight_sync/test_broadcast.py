@@ -1,7 +1,10 @@
 """The broadcast transport: flat buckets, and a real sync over a standalone gloo group."""
 
+import os
 import queue
+import time
 import traceback
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from sync_helpers import F16, F32, names, whole_fp
 
 from rayrlhf.cluster.placement import free_port
 from rayrlhf.weight_sync.broadcast import (
+    GroupAddress,
     flatten_bucket,
     new_group,
     receive_broadcast,
@@ -18,6 +22,7 @@ from rayrlhf.weight_sync.broadcast import (
     unflatten_bucket,
 )
 from rayrlhf.weight_sync.records import Fingerprint, ParamMeta, plan_buckets
+from rayrlhf.weight_sync.trainer_end import WeightSender
 
 
 def test_flatten_unflatten_round_trip():
@@ -135,6 +140,77 @@ def test_broadcast_sync_three_processes():
         assert digest == expected, f"rank {rank}: digest"
         assert received_fp == expected, f"rank {rank}: fingerprint of received tensors"
         assert raw == _raw(sent), f"rank {rank}: tensors not bit-identical"
+
+
+class _Sender(WeightSender):
+    """Trainer rank 0 of one rank: its gathered buckets are `buckets`, slowly (a model's
+    gathers take time), counted to show that a failed broadcast still gathers them all."""
+
+    def __init__(self, plan, buckets) -> None:
+        self.plan, self.buckets, self.gathered = plan, buckets, 0
+        self.spec = SimpleNamespace(rank=0, world_size=1)
+
+    def _gathered_buckets(self, bucket_mb):
+        for bucket in self.buckets:
+            time.sleep(0.5)
+            self.gathered += 1
+            yield bucket
+
+
+def _dying_member_worker(rank, port, plan, buckets, results):
+    """Rank 2 exits after the first bucket; rank 0 must fail, and free rank 1 at once."""
+    try:
+        torch.set_num_threads(1)
+        group = GroupAddress("127.0.0.1", port, WORLD, "gloo", TIMEOUT_S)
+        cpu, start = torch.device("cpu"), time.monotonic()
+        if rank == 0:
+            sender = _Sender(plan, buckets)
+            sender.init_weight_group(group)
+            try:
+                sender.broadcast_weights(1.0)
+                results.put((rank, "no error", sender.gathered))
+            except RuntimeError as err:
+                results.put((rank, str(err), sender.gathered))
+            time.sleep(2 * TIMEOUT_S)  # alive: only a closed group frees rank 1
+            return
+        stream = receive_broadcast(group.join(rank), plan, cpu, Fingerprint())
+        next(stream)
+        if rank == 2:
+            os._exit(1)
+        try:
+            list(stream)
+            results.put((rank, "no error", None))
+        except RuntimeError:
+            results.put((rank, "failed", time.monotonic() - start))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def test_a_member_dying_mid_sync_fails_rank_0_which_frees_the_others():
+    metas = [ParamMeta(f"w{i}", (32, 32), F32) for i in range(4)]
+    plan = plan_buckets(metas, 4096)  # a bucket each
+    buckets = _bucket_tensors(plan)
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [
+        ctx.Process(target=_dying_member_worker, args=(r, port, plan, buckets, results))
+        for r in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        got = dict((r, rest) for r, *rest in (results.get(timeout=TIMEOUT_S) for _ in range(2)))
+    except queue.Empty:
+        pytest.fail("rank 0 or rank 1 hung after rank 2 died")
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(5)
+    message, gathered = got[0]
+    assert "weight broadcast to the engines failed" in message, message
+    assert gathered == len(plan)  # the other trainer ranks' collectives are not left waiting
+    status, waited = got[1]
+    assert status == "failed" and waited < TIMEOUT_S / 2, got[1]
 
 
 def test_nccl_group_gets_the_time_out(monkeypatch):
