@@ -13,10 +13,12 @@ import sys
 import tempfile
 import traceback
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import get_args
 
 from rayrlhf.cluster.errors import RoleFailed
 from rayrlhf.config import ConfigError
+from rayrlhf.config.loading import load_recipe
 from rayrlhf.data.jsonl import DataError
 
 EXAMPLES = r"""examples:
@@ -250,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         print(config_help(_load(cmd.config)))
         return 0
     try:
+        if cmd.config:  # a typo fails in a second, before the recipe imports torch and Ray
+            load_recipe(_load(cmd.config), PurePath(cmd.default).name, args["config"],
+                        args["overrides"])  # fmt: skip
         return _load(cmd.main)(**args) or 0
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"rayrlhf: {err}", file=sys.stderr)
