@@ -135,6 +135,7 @@ FAMILIES: dict[str, Family] = {
         ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
         {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
         QWEN3_TEMPLATE, prepend_bos=False, generation_eos=("<|endoftext|>",),
+        config_kwargs={"tie_word_embeddings": True},  # as Qwen3-0.6B to 4B: one matrix
     ),
     "mistral": Family(
         MistralConfig,
@@ -186,8 +187,9 @@ def family_tokenizer(name: str, corpus: Path = CORPUS) -> PreTrainedTokenizerFas
 def config_fields(
     tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int, mlp: int, heads: int, kv: int
 ) -> dict:
-    """What every tiny config says: its widths, the tokenizer's special ids, untied embeddings,
-    one label for the critic and reward heads, float32."""
+    """What every tiny config says: its widths, the tokenizer's special ids, untied embeddings
+    (unless the family's `config_kwargs` tie them), one label for the critic and reward heads,
+    float32."""
     return {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden,
@@ -213,7 +215,7 @@ def family_config(
     fam = FAMILIES[name]
     heads = hidden // 32
     fields = config_fields(tokenizer, hidden, layers, mlp, heads, max(heads // 2, 1))
-    return fam.config_class(**fields, head_dim=32, **fam.config_kwargs)
+    return fam.config_class(**(fields | fam.config_kwargs), head_dim=32)
 
 
 def generation_eos_ids(name: str, tokenizer: PreTrainedTokenizerFast) -> list[int]:

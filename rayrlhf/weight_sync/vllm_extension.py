@@ -104,7 +104,19 @@ class WeightSyncExtension:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+        self._rr_refresh_tied_head()
         return check_fingerprint(expected, self._rr_received, f"vLLM worker rank {self.rank}")
+
+    def _rr_refresh_tied_head(self) -> None:
+        """A tied lm_head's weight is the embedding's: a reload loads it under the embedding's
+        name and skips the head (vLLM logs "ParallelLMHead: Failed to load weights"), keeping
+        the head's processed copy, which vLLM CPU packs for its GEMM. Without processing the
+        head again from the new embedding, a tied model (Qwen3-0.6B, Qwen2.5-0.5B) samples
+        with its first weights forever."""
+        head = getattr(self.model_runner.get_model(), "lm_head", None)
+        tied = getattr(self.vllm_config.model_config.hf_text_config, "tie_word_embeddings", False)
+        if tied and head is not None:
+            head.quant_method.process_weights_after_loading(head)
 
     def rr_init_group(
         self, group: GroupAddress, rank_offset: int, plan: list[list[ParamMeta]]
@@ -121,5 +133,6 @@ class WeightSyncExtension:
         fp = Fingerprint(self._hasher(), hash_bytes)
         stream = receive_broadcast(self._rr_group, self._rr_plan, self._rr_device, fp)
         self.model_runner.reload_weights(weights_iterator=stream)
+        self._rr_refresh_tied_head()
         expected = receive_digest(self._rr_group, self._rr_device)
         return check_fingerprint(expected, fp, f"vLLM worker rank {self.rank}")

@@ -4,8 +4,9 @@ acceptance 1.
 For llama3, qwen2, qwen3 and mistral, `make-tiny --family` builds the model, then one
 `rayrlhf train` runs 3 PPO steps with both the critic and the reward model started from the
 causal-LM policy checkpoint (fresh value and score heads), vLLM's `n` (2 samples a prompt),
-stop strings, the KL in the loss (k3) and a cosine learning-rate schedule. The Llama-3 and
-Mistral tokenizers have no pad token. Then 3 GRPO steps (no critic) with DAPO's overlong
+stop strings, the KL in the loss (k3) and a cosine learning-rate schedule; the engine's
+logprobs agree with the trainer's after every sync. The Llama-3 and Mistral tokenizers have no
+pad token; Qwen3's embeddings are tied to its output layer, as in its small models. Then 3 GRPO steps (no critic) with DAPO's overlong
 filter; on Mistral, the family whose responses here are cut only sometimes (on the others every
 one is, and the filter leaves no loss at all), some steps must be partly cut. On Llama-3 also: a
 ZeRO-3 critic's old values equal the values it trains on before its first update, the schedule
@@ -113,6 +114,9 @@ def test_ppo_with_the_critic_and_reward_from_the_policy_checkpoint(local_ray, fa
         "rollout/truncated_frac",
     )  # fmt: skip
     assert records[0]["loss/value"] > 0  # the fresh head trained
+    # The updated weights reach vLLM whole (Qwen3's tied embedding matrix too): the engine's
+    # logprobs agree with the trainer's after every sync, at fp32's tolerance.
+    assert all(r["rollout/engine_logprob_diff"] < 1e-3 for r in records[1:]), records
     assert all(0.0 <= r["rollout/truncated_frac"] <= 1.0 for r in records)
 
 

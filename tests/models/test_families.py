@@ -60,6 +60,8 @@ def test_models_are_the_real_architecture_with_head_dim_32(family):
     cfg = model.config
     assert cfg.head_dim == 32 and cfg.num_attention_heads * 32 == cfg.hidden_size
     assert cfg.num_key_value_heads < cfg.num_attention_heads  # grouped-query, as the real ones
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert cfg.tie_word_embeddings == tied == (name == "qwen3")  # Qwen3's small models are tied
     tok = AutoTokenizer.from_pretrained(paths["policy"])
     assert cfg.vocab_size == len(tok) and cfg.eos_token_id == tok.eos_token_id
     out = model(input_ids=torch.tensor([tok("Tell me about the cat.")["input_ids"]]))
