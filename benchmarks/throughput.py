@@ -3,9 +3,9 @@
     python benchmarks/throughput.py --size tiny --steps 6 --engines 1 2
     python benchmarks/throughput.py --size 100m --steps 3 --engines 1 2 --sync-compare
 
-Each run is the real training loop (`rayrlhf.recipes.ppo.train`) on the embedded tiny CPU
-recipe with the chosen model size; the first step (vLLM warm-up, first gathers) is left out of
-the averages.
+Each run is the real training loop (`rayrlhf.recipes.ppo`'s `Run` and `ppo_step`) on the
+embedded tiny CPU recipe with the chosen model size; the first step (vLLM warm-up, first
+gathers) is left out of the averages.
 Definitions:
     generated_tokens_per_sec   response tokens / step seconds
     total_tokens_per_sec       (prompt + response) tokens / step seconds
@@ -14,8 +14,9 @@ Definitions:
     orchestration_overhead     1 - (per phase, the busiest role's compute seconds) / step seconds
 --sync-compare times the bucketed, streamed sync (the run's transport: shared memory on one
 node) against peers' per-parameter sync (rank 0 gathers one parameter and puts it in the object
-store, one RPC per engine, one wait at a time) and against three ablations, on the same actors,
-and the machine's memory-copy bandwidth measured in the same process: the physical limit here.
+store, one RPC per engine, one wait at a time) and against three ablations, on the same actors
+(the 1-engine run's, after its steps), and the machine's memory-copy bandwidth measured in the
+same process: the physical limit here.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import ray
 import torch
 
 from rayrlhf.config import TrainConfig, load_config
-from rayrlhf.recipes.ppo import train
+from rayrlhf.recipes.ppo import Run, ppo_step
 from rayrlhf.recipes.ppo_roles import Roles
 from rayrlhf.runtime.run_dir import read_metrics
 
@@ -153,11 +154,23 @@ SYNC_MODES = {
 }
 
 
-def sync_compare(cfg: TrainConfig, reps: int = 5, warmup: int = 2) -> dict:
-    """Each of SYNC_MODES on the same actors, median of `reps`, after `warmup` syncs: a
-    process's first syncs run up to 1.7x slower while its allocators and shared-memory
-    mappings grow, and a training run does hundreds."""
-    roles = Roles(cfg)
+def run_on_one_stack(cfg: TrainConfig, compare: bool) -> tuple[Path, dict | None]:
+    """`train(cfg)`'s loop, and with `compare` the sync comparison on the run's own actors
+    after its last step: one stack start, not two."""
+    with Run(cfg) as run:
+        for step in run.steps():
+            ppo_step(run, step)
+        sync = sync_compare(cfg, run.roles) if compare else None
+        run.finish()
+    return run.dir, sync
+
+
+def sync_compare(cfg: TrainConfig, roles: Roles | None = None, reps: int = 5, warmup: int = 2):
+    """Each of SYNC_MODES on the same actors (`roles`, else a stack of its own), median of
+    `reps`, after `warmup` syncs: a process's first syncs run up to 1.7x slower while its
+    allocators and shared-memory mappings grow, and a training run does hundreds."""
+    own = roles is None
+    roles = roles or Roles(cfg)
     try:
         for _ in range(warmup):
             roles.sync.sync()
@@ -177,7 +190,8 @@ def sync_compare(cfg: TrainConfig, reps: int = 5, warmup: int = 2) -> dict:
             same &= result.fingerprint == expected[gather]
         transport = roles.sync.transport
     finally:
-        roles.shutdown()
+        if own:
+            roles.shutdown()
     nbytes = result.num_bytes
     copy = memcpy_gb_per_sec(nbytes)
     bucketed, per_param = timings["bucketed"]["seconds"], timings["per_parameter"]["seconds"]
@@ -221,10 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="rayrlhf-bench-") as tmp, redirect_stdout(sys.stderr):
         for m in args.engines:
             cfg = bench_config(args.size, m, args.steps, f"{tmp}/engines{m}", args.extra)
+            compare = args.sync_compare and m == 1  # the comparison's actors: one engine
             print(f"[bench] {args.size}: {m} engine(s), {args.steps} steps")
-            run_dir = train(cfg)
+            run_dir, sync = run_on_one_stack(cfg, compare)
             out["runs"].append(summarize(read_metrics(run_dir), cfg))
-        if args.sync_compare:
+            out |= {"sync": sync} if compare else {}
+        if args.sync_compare and "sync" not in out:
             print(f"[bench] {args.size}: bucketed vs per-parameter sync")
             out["sync"] = sync_compare(bench_config(args.size, 1, 1, f"{tmp}/sync", args.extra))
     ray.shutdown()
