@@ -6,14 +6,13 @@ For llama3, qwen2, qwen3 and mistral, `make-tiny --family` builds the model, the
 causal-LM policy checkpoint (fresh value and score heads), vLLM's `n` (2 samples a prompt),
 stop strings, the KL in the loss (k3) and a cosine learning-rate schedule; the engine's
 logprobs agree with the trainer's after every sync. The Llama-3 and Mistral tokenizers have no
-pad token; Qwen3's embeddings are tied to its output layer, as in its small models. Then 3 GRPO steps (no critic) with DAPO's overlong
-filter; on Mistral, the family whose responses here are cut only sometimes (on the others every
-one is, and the filter leaves no loss at all), some steps must be partly cut. On Llama-3 also: a
-ZeRO-3 critic's old values equal the values it trains on before its first update, the schedule
-reaches DeepSpeed's optimizer, and vLLM's `n` gives each row the sample of its own seed.
-
-The batches are the smallest that exercise each path; one Ray instance serves the module, and
-each `train` costs a stack start, so a run exercises as many paths as it can.
+pad token; Qwen3's embeddings are tied to its output layer, as in its small models. Then 3 GRPO
+steps (no critic) with DAPO's overlong filter; on Mistral, the family whose responses here are
+cut only sometimes (on the others every one is, and the filter leaves no loss at all), some
+steps must be partly cut. Then SFT, reward-model training and DPO, each for 2 steps from the
+family's checkpoint, their rows rendered through its chat template. On Llama-3 also: a ZeRO-3
+critic's old values equal the values it trains on before its first update, the schedule reaches
+DeepSpeed's optimizer, and vLLM's `n` gives each row the sample of its own seed.
 """
 
 from __future__ import annotations
@@ -25,7 +24,12 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from rayrlhf.algorithms.experience import assemble_rollout
 from rayrlhf.cli import main
@@ -135,6 +139,39 @@ def test_grpo_with_the_overlong_filter(local_ray, family, tmp_path):
     if name == "mistral":  # the family whose responses here are cut only sometimes
         assert any(0 < f < 1 for f in fracs), fracs  # some cut, some not (measured 0.5, 0.25, 0)
     assert all("busy/critic" not in r for r in records)  # no critic actor
+
+
+RECIPES = {  # command, config, the model it saves, its loss, the class that loads the model
+    "sft": ("sft", "synthetic_demos", "model", "sft/loss", AutoModelForCausalLM),
+    "rm": ("rm", "synthetic_pairs", "model", "rm/loss", AutoModelForSequenceClassification),
+    "dpo": ("dpo", "synthetic_pairs", "policy", "dpo/loss", AutoModelForCausalLM),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_sft_rm_and_dpo_train_from_the_family_checkpoint(local_ray, family, recipe, tmp_path):
+    """Each offline recipe on the family's causal-LM checkpoint (the reward model gets a fresh
+    score head), its synthetic rows rendered through the family's chat template: the loss is
+    finite and the saved model loads through `from_pretrained` with the family's tokenizer."""
+    name, out = family
+    command, synthetic, saved, loss, cls = RECIPES[recipe]
+    run = tmp_path / recipe
+    model = "policy.model_path" if recipe == "dpo" else "model_path"
+    ranks = "policy.num_ranks" if recipe == "dpo" else "num_ranks"
+    sets = [f"run_dir={run}", f"{model}={out / 'policy'}", "make_tiny_models=null", f"{ranks}=1",
+            f"{synthetic}=32", "epochs=1", "batch_size=16", "data.max_len=128"]  # fmt: skip
+    argv = [command, "--config", str(ROOT / f"configs/{recipe}-tiny-cpu.yaml")]
+    assert main(argv + [a for x in sets for a in ("--set", x)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r[loss] for r in records if loss in r]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), records
+    if recipe == "dpo":
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference
+    loaded = cls.from_pretrained(run / saved)
+    assert type(loaded).__name__.lower().startswith(name.removesuffix("3"))
+    tok = AutoTokenizer.from_pretrained(run / saved)
+    assert tok.chat_template == AutoTokenizer.from_pretrained(out / "policy").chat_template
+    assert (tok.pad_token is None) == (name in ("llama3", "mistral"))
 
 
 def _rollout(tok, rows: int = 4):
