@@ -169,7 +169,8 @@ class WeightSender:
         # (NCCL's communicators) and dropping the last reference (gloo's connections) makes the
         # members still waiting on a bucket fail now, not after group_timeout_s, and free for
         # the next set-up. The other ranks' gathers are collectives, so rank 0 keeps in step.
-        self._sync_group.abort()
+        if self._sync_group is not None:
+            self._sync_group.abort()
         self._sync_group = None
         gc.collect()
         for _ in buckets:
