@@ -28,7 +28,7 @@ from rayrlhf.cluster.placement import (
     reserve,
     start_zero3_ranks,
 )
-from rayrlhf.cluster.waits import HangLimits, get_named
+from rayrlhf.cluster.waits import HangLimits, get_named, sweep_abandoned
 from rayrlhf.config import RankGroupConfig, Resources, RolloutConfig
 
 
@@ -42,6 +42,8 @@ class ActorSet:
         self.placement_timeout = placement_timeout_s
         self.hangs = hangs or HangLimits(phase_timeout_s)
         """Each phase's wait limit (fixed at phase_timeout_s unless adaptive)."""
+        self.abandoned: list = []
+        """Calls left running by a failed wait (`get_named`), fetched by later waits."""
         self.groups: dict[str, list[PlacementGroup]] = {}
         """Each role's placement groups: one, or one per engine (index i: engine i's)."""
         self.actors: dict[str, list] = {}
@@ -55,7 +57,7 @@ class ActorSet:
     def get(self, refs, phase: str):
         """`ray.get` bounded by the phase's limit; a dead, hung or raising actor is a
         `RoleFailed` naming its role and rank (`waits.get_named`)."""
-        return get_named(refs, phase, self.hangs, self.name_of)
+        return get_named(refs, phase, self.hangs, self.name_of, self.abandoned)
 
     def name_of(self, actor_id: str | None) -> tuple[str, int]:
         """(role, rank) of the actor with this id hex (rank: its index within the role)."""
@@ -186,6 +188,8 @@ class ActorSet:
             remove_placement_group(pg)
 
     def shutdown(self) -> None:
-        """Release every role; safe to call twice."""
+        """Release every role; safe to call twice. The calls abandoned by a failed wait end
+        with their actors, and are fetched, so that Ray prints none as an unhandled error."""
         for role in [*self.actors, *self.groups]:
             self.release(role)
+        sweep_abandoned(self.abandoned, timeout=2.0)

@@ -53,14 +53,34 @@ def bounded_get(refs, timeout: float, phase: str):
         ) from None
 
 
-def get_named(refs, phase: str, limits: HangLimits, name_of):
+def sweep_abandoned(abandoned: list, timeout: float = 0.0) -> None:
+    """Fetch and forget the `abandoned` calls (see `get_named`) that have finished, waiting at
+    most `timeout` seconds for them."""
+    if abandoned:
+        ready, abandoned[:] = ray.wait(abandoned, num_returns=len(abandoned), timeout=timeout)
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayError:
+                pass
+
+
+def get_named(refs, phase: str, limits: HangLimits, name_of, abandoned: list | None = None):
     """`ray.get(refs)` within `limits.limit(phase)`; a dead, hung or raising actor becomes a
-    `RoleFailed` naming it (`name_of(actor_id_hex)` -> (role, rank)), with Ray's error chained."""
+    `RoleFailed` naming it (`name_of(actor_id_hex)` -> (role, rank)), with Ray's error chained.
+
+    The calls still running when it fails (e.g. a broken collective's survivors) go to
+    `abandoned`, fetched quietly by later waits (`sweep_abandoned`): their errors echo the one
+    named, and Ray prints every error never fetched as an "Unhandled error" with a traceback."""
+    if abandoned:
+        sweep_abandoned(abandoned)
     limit, start = limits.limit(phase), time.monotonic()
     try:
         out = ray.get(refs, timeout=limit)
     except ray.exceptions.GetTimeoutError:
         waiting = _pending(refs)
+        if abandoned is not None:
+            abandoned.extend(waiting)
         role, rank = name_of(_actor_of(waiting[0])) if waiting else ("an actor", -1)
         slowest = limits.seen.get(phase, (0, 0.0))[1]
         cause = f"no answer in {limit:.0f}s" + (
@@ -69,6 +89,8 @@ def get_named(refs, phase: str, limits: HangLimits, name_of):
         raise RoleFailed(role, rank, phase, "hung", cause) from None
     except ray.exceptions.RayError as err:
         ref, first = _culprit(refs, err)
+        if abandoned is not None:
+            abandoned.extend(_pending(refs))
         role, rank = name_of(_actor_of(ref)) if ref is not None else ("an actor", -1)
         raise RoleFailed(role, rank, phase, *_describe(first)) from first
     limits.observe(phase, time.monotonic() - start)

@@ -57,6 +57,10 @@ class _Worker:
     def boom(self) -> None:
         raise ValueError("the reward rule returned a string")
 
+    def boom_after(self, seconds: float) -> None:
+        time.sleep(seconds)
+        raise RuntimeError("Connection closed by peer")
+
 
 def test_get_named_names_the_dead_hung_or_raising_actor():
     """Three actors of two roles: each failure names the right role and rank, within a second
@@ -106,5 +110,19 @@ def test_get_named_names_the_dead_hung_or_raising_actor():
             get_named(refs, "sync", HangLimits(60), lambda h: ids[h])
         f = err.value
         assert (f.role, f.rank, f.kind) == ("rollout", 0, "died") and f.restartable
+
+        # The death named at once, the survivor's later error is its echo: kept in `abandoned`
+        # and fetched by the next wait, so that Ray never prints it as an unhandled error.
+        dying, survivor = _Worker.remote(), _Worker.remote()
+        ids |= {dying._actor_id.hex(): ("rollout", 1), survivor._actor_id.hex(): ("policy", 2)}
+        killer = threading.Timer(0.5, os.kill, (ray.get(dying.pid.remote()), signal.SIGKILL))
+        abandoned, refs = [], [dying.wait.remote(30), survivor.boom_after.remote(2.0)]
+        killer.start()
+        with pytest.raises(RoleFailed) as err:
+            get_named(refs, "sync", HangLimits(60), lambda h: ids[h], abandoned)
+        assert err.value.role == "rollout" and abandoned == [refs[1]]
+        time.sleep(2.5)
+        get_named(survivor.pid.remote(), "sync", HangLimits(60), lambda h: ids[h], abandoned)
+        assert abandoned == []  # fetched: its error will not be printed
     finally:
         ray.shutdown()

@@ -89,12 +89,16 @@ def test_killed_engine_is_replaced_and_scale_applies_live(tiny_models, tmp_path)
     assert "engines 1 -> 2 (rayrlhf scale)" in text and "engines 2 -> 1" in text, text
     assert "Traceback" not in text and "restarting from it" not in text, text[-4000:]
 
-    after = next(r for r in records if r["rollout/engine_restarts"] == 1)
+    # The first step the replacement (engine 1) generates: its logprobs agree with the trainer's.
+    after = next(r for r in records if set(_engines(r)) == {"rollout/engine_tokens/1"})
     assert after["rollout/engine_logprob_diff"] < LOGPROB_TOL, after
     assert records[-1]["rollout/engine_restarts"] == 2  # engine 0 alone, then one of two
     sizes = [r["rollout/engines_alive"] for r in records]
     two = sizes.index(2)
-    assert sizes[:two] == [1] * two and 1 in sizes[two:], sizes  # 1 -> 2 -> 1
+    # 1 -> 2 -> 1; a 0 at most once before the 2: the record of a step whose sync lost the only
+    # engine is written before its replacement serves (from the next step's generate).
+    assert set(sizes[:two]) <= {0, 1} and sizes[:two].count(0) <= 1, sizes
+    assert sizes[0] == 1 and 1 in sizes[two:], sizes
     assert records[-1]["rollout/engines_alive"] == 1
     shared = _engines(records[two])
     assert len(shared) == 2 and all(n > 0 for n in shared.values()), records[two]
