@@ -34,7 +34,7 @@ def test_a_killed_engine_gives_the_same_batch_and_is_replaced(tiny_models):
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
     prompts = [tok(p)["input_ids"] for p in demo_prompts(ROWS // 2, seed=0)]
     prompts = [p for p in prompts for _ in range(2)]  # n=2 runs, as GRPO lays them out
-    ro = RolloutConfig(num_engines=2, max_new_tokens=48, dtype="float32", kv_cache_gib=0.25)
+    ro = RolloutConfig(num_engines=2, max_new_tokens=96, dtype="float32", kv_cache_gib=0.25)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # room for 2 engines
     try:
         with ActorSet(600, placement_timeout_s=5) as actors:
@@ -44,7 +44,8 @@ def test_a_killed_engine_gives_the_same_batch_and_is_replaced(tiny_models):
             actors.wait_ready()
             clean = pool.generate(prompts, SEED)
             first, second = pool.live
-            killer = threading.Timer(0.3, ray.kill, (second,))
+            # 96 tokens take a CPU engine ~0.5 s or more (48 once finished within 0.3 s).
+            killer = threading.Timer(0.1, ray.kill, (second,))
             killer.start()
             faulted = pool.generate(prompts, SEED)  # engine 1 dies mid-call
             killer.join()
