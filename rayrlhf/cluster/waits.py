@@ -72,8 +72,7 @@ def get_named(refs, phase: str, limits: HangLimits, name_of, abandoned: list | N
     The calls still running when it fails (e.g. a broken collective's survivors) go to
     `abandoned`, fetched quietly by later waits (`sweep_abandoned`): their errors echo the one
     named, and Ray prints every error never fetched as an "Unhandled error" with a traceback."""
-    if abandoned:
-        sweep_abandoned(abandoned)
+    sweep_abandoned(abandoned or [])
     limit, start = limits.limit(phase), time.monotonic()
     try:
         out = ray.get(refs, timeout=limit)
@@ -121,8 +120,9 @@ def _culprit(refs, err: Exception):
     """The ref whose error to report, and that error: a dead actor before one that raised,
     since a rank whose peer died usually fails too (a broken collective) and is not the cause.
     `ray.get` raises at the first error, so the calls still running get `DEATH_GRACE_S`."""
-    _, pending = ray.wait(_as_list(refs), num_returns=len(_as_list(refs)), timeout=0)
-    found = _errors([r for r in _as_list(refs) if r not in pending])
+    refs = _as_list(refs)
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+    found = _errors([r for r in refs if r not in pending])
     deadline = time.monotonic() + DEATH_GRACE_S
     while pending and not _deaths(found) and time.monotonic() < deadline:
         ready, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
