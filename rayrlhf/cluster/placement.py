@@ -12,7 +12,6 @@ which every recipe (PPO, DPO, SFT, reward model) does the same way.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from ray._private.authentication.authentication_token_generator import (
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayrlhf.cluster.rendezvous import free_port
 from rayrlhf.cluster.waits import bounded_get
 from rayrlhf.config import RankGroupConfig, Resources, RolloutConfig
 
@@ -138,13 +138,6 @@ def actor_options(pg: PlacementGroup, index: int, res: Resources) -> dict:
 def threads_for(res: Resources) -> int:
     """torch threads for an actor: its bundle's CPUs."""
     return max(1, int(res.num_cpus))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free now on `host` (for a rendezvous store)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def node_address_and_port() -> tuple[str, int]:

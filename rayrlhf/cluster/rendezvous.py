@@ -12,10 +12,52 @@ No Ray here: the vLLM workers and the ZeRO-3 ranks import this, and so do tests 
 from __future__ import annotations
 
 import datetime
+import random
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# Ray's default worker ports (--min/max-worker-port): a rendezvous stays clear of them too.
+RAY_WORKER_PORTS = range(10002, 20000)
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections' local ports (and for bind to port 0)."""
+    try:
+        low, high = map(int, EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+    return range(low, high + 1)
+
+
+def rendezvous_ports() -> range:
+    """Where a rendezvous port is drawn: above Ray's worker ports and below the ephemeral
+    range, or above that range where the gap below is too small."""
+    eph = ephemeral_ports()
+    below = range(RAY_WORKER_PORTS.stop, eph.start)
+    return below if len(below) >= 1000 else range(eph.stop, 65536)
+
+
+def free_port(host: str = "127.0.0.1", tries: int = 64) -> int:
+    """A TCP port free now on `host`, for a store that binds it later (seconds later, once its
+    process has imported torch). Not a port 0 pick: that comes from the ephemeral range, where
+    any outgoing connection made meanwhile may take it as its local port (CI saw `Address
+    already in use`). Drawn at random outside that range instead, so only another listener
+    that picks the same port can collide. Falls back to port 0 where no such range is left."""
+    ports = rendezvous_ports()
+    for port in random.Random().sample(ports, min(tries, len(ports))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def bound_socket_fd(host: str, port: int) -> int:

@@ -24,7 +24,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rayrlhf.cluster.placement import free_port, private_token
+from rayrlhf.cluster.placement import private_token
+from rayrlhf.cluster.rendezvous import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

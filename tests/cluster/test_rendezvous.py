@@ -16,8 +16,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rayrlhf.cluster.placement import free_port
-from rayrlhf.cluster.rendezvous import bound_socket_fd, init_default_group, tcp_store
+from rayrlhf.cluster.rendezvous import (
+    RAY_WORKER_PORTS,
+    bound_socket_fd,
+    ephemeral_ports,
+    free_port,
+    init_default_group,
+    tcp_store,
+)
 
 TIMEOUT = datetime.timedelta(seconds=60)
 
@@ -99,3 +105,27 @@ def test_two_ranks_meet_through_the_default_group():
     assert got[0][0] == got[1][0] == 3.0  # 1 + 2: the ranks summed through one group
     assert got[0][1] == ["127.0.0.2"], "rank 0's store listens beyond its address"
     assert got[1][1] == []
+
+
+def test_rendezvous_ports_avoid_the_ephemeral_and_ray_worker_ranges():
+    """A port picked seconds before its store binds it must not be one that an outgoing
+    connection can take meanwhile (CI: a critic's store hit `Address already in use`)."""
+    eph = ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1  # drawn at random, not one fixed port
+    for port in ports:
+        assert port not in eph and port not in RAY_WORKER_PORTS
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # and it is free
+
+
+def test_a_taken_port_is_skipped(monkeypatch):
+    """Where the drawn port is in use, the next draw is taken."""
+    from rayrlhf.cluster import rendezvous
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", free_port()))
+        held.listen()
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(rendezvous, "rendezvous_ports", lambda: range(taken, taken + 2))
+        assert free_port() == taken + 1

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
-from rayrlhf.cluster.placement import free_port
+from rayrlhf.cluster.rendezvous import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from rayrlhf.cluster.placement import free_port
+from rayrlhf.cluster.rendezvous import free_port
 
 pytestmark = pytest.mark.slow
 

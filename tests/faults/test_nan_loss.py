@@ -59,7 +59,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     """What each rank's process wrote (see nan_step_ranks.py)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rayrlhf.cluster.placement import free_port
+    from rayrlhf.cluster.rendezvous import free_port
 
     out = tmp_path_factory.mktemp("nan_steps")
     cfg = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=64, num_hidden_layers=1,

@@ -60,7 +60,7 @@ def test_fingerprint_of_device_tensors_equals_the_hosts():
 def test_nccl_broadcast_of_a_bucket_on_device_with_its_time_out():
     """The broadcast sender's path on one GPU: a one-member NCCL group (the time-out set through
     ProcessGroupNCCL.Options, which CPU torch lacks), flat buckets on device, the digest."""
-    from rayrlhf.cluster.placement import free_port
+    from rayrlhf.cluster.rendezvous import free_port
     from rayrlhf.weight_sync.broadcast import (
         group_device,
         nccl_options,
@@ -87,7 +87,8 @@ def test_zero3_bf16_step_with_checkpointing_and_fp32_accumulation(tmp_path):
     pytest.importorskip("deepspeed")
     from transformers import LlamaForCausalLM
 
-    from rayrlhf.cluster.placement import RankSpec, free_port
+    from rayrlhf.cluster.placement import RankSpec
+    from rayrlhf.cluster.rendezvous import free_port
     from rayrlhf.config import RankGroupConfig
     from rayrlhf.workers.deepspeed_role import DeepSpeedRole
 

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from sync_helpers import F16, F32, names, whole_fp
 
-from rayrlhf.cluster.placement import free_port
+from rayrlhf.cluster.rendezvous import free_port
 from rayrlhf.weight_sync.broadcast import (
     GroupAddress,
     flatten_bucket,

@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from rayrlhf.cluster.placement import free_port
+from rayrlhf.cluster.rendezvous import free_port
 from rayrlhf.config import RemoteRewardConfig
 from rayrlhf.workers.reward_client import RemoteReward, RemoteRewardError, parse_scores
 
