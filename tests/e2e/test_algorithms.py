@@ -39,6 +39,7 @@ def test_grpo_with_a_rule_reward_learns_without_a_critic(tiny_models, tmp_path):
         tiny_models, tmp_path / "grpo", "steps=25", "algorithm.advantage=grpo",
         "algorithm.n_samples_per_prompt=4", "algorithm.kl_mode=loss",
         "algorithm.kl_estimator=k3", "algorithm.kl_coef=0.01",
+        "policy.num_ranks=1",  # learning, not sharding (tests/e2e/test_stack.py shards)
     )  # fmt: skip
     started = next(line for line in stdout.splitlines() if line.startswith("starting roles"))
     assert "critic" not in started and "[grpo]" in started  # no critic actor, none reserved
