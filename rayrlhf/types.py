@@ -116,8 +116,9 @@ class Scores:
     """[B] float32 sequence-level rewards (`reward.scores`: 0 on invalid samples)."""
     ref_logprobs: Tensor
     """[B, R] float32 reference-model logprobs (0 on padding)."""
-    old_logprobs: Tensor
-    """[B, R] float32 policy logprobs before the update (0 on padding)."""
+    old_logprobs: Tensor | None
+    """[B, R] float32 policy logprobs before the update (0 on padding); None when the update's
+    own forward gives them (`algorithms.experience.update_gives_old_logprobs`)."""
     values: Tensor
     """[B, R] float32 critic values (0 on padding)."""
     reward: RewardOutput | None = None
@@ -134,8 +135,9 @@ class Experience:
     """[B, T] int64."""
     action_mask: Tensor
     """[B, R] float32."""
-    old_logprobs: Tensor
-    """[B, R] float32 policy logprobs at rollout time (recomputed by the trainer)."""
+    old_logprobs: Tensor | None
+    """[B, R] float32 policy logprobs at rollout time (recomputed by the trainer); None when the
+    update is one on-policy pass: its own forward, detached, is the ratio's denominator."""
     ref_logprobs: Tensor
     """[B, R] float32 reference logprobs (for KL as a loss term)."""
     old_values: Tensor
@@ -192,6 +194,28 @@ class TrainStats:
 
 
 @dataclass(frozen=True)
+class PolicyUpdate:
+    """What one policy rank's `train_step` returns."""
+
+    stats: TrainStats
+    logprobs: Tensor | None = None
+    """[b, R] float32 this rank's shard's logprobs from the update's forward, before its
+    optimizer step (0 on padding): the old logprobs, when the score phase left them to the
+    update (`Experience.old_logprobs` None); else None."""
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    """A step's update over every rank of the policy and the critic."""
+
+    policy: TrainStats
+    critic: TrainStats
+    logprobs: Tensor | None = None
+    """[B, R] the update's own logprobs (`PolicyUpdate.logprobs`), every rank's rows in order;
+    None when the score phase computed the old logprobs, or no update ran."""
+
+
+@dataclass(frozen=True)
 class SyncResult:
     """What one weight sync moved, and its verification."""
 
@@ -224,7 +248,9 @@ def micro_batches(batch, size: int) -> list:
 
 
 def _rows(batch, start: int, stop: int):
-    return replace(batch, **{f.name: getattr(batch, f.name)[start:stop] for f in fields(batch)})
+    """Rows [start, stop) of every field; a None field stays None."""
+    sliced = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    return replace(batch, **{k: v[start:stop] for k, v in sliced.items() if v is not None})
 
 
 def pad_rows(rows: list[list[int]], pad: int, left: bool) -> Tensor:

@@ -5,7 +5,7 @@ Pure tensor code (no Ray, DeepSpeed or vLLM), so the driver's step is testable o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,6 +83,14 @@ def shape_rewards(
     return rewards
 
 
+def update_gives_old_logprobs(algo: AlgorithmConfig) -> bool:
+    """Whether the score phase can leave the old logprobs to the update: with one epoch and one
+    mini-batch there is one optimizer step, after every micro-batch's forward, so that forward
+    computes exactly the old logprobs (TRL skips the pass alike, `num_iterations=1`). Not with
+    the KL in the reward: the advantages need it before the update."""
+    return algo.ppo_epochs == 1 and algo.num_mini_batches == 1 and algo.kl_mode == "loss"
+
+
 def make_experience(
     rollout: Rollout,
     scores: Scores,
@@ -96,9 +104,11 @@ def make_experience(
     instead, so no reward penalty is applied here.
     """
     mask = rollout.action_mask
-    kl = kl_estimate(scores.old_logprobs, scores.ref_logprobs, algo.kl_estimator) * mask
-    rewards = shape_rewards(scores.rewards, algo, moments)
     beta = kl_coef if algo.kl_mode == "reward" else 0.0
+    if scores.old_logprobs is None and beta:
+        raise ValueError("the KL penalty in the reward needs the old logprobs before the update")
+    kl = policy_kl(scores.old_logprobs, scores.ref_logprobs, mask, algo)
+    rewards = shape_rewards(scores.rewards, algo, moments)
     estimate = get_estimator(algo.advantage)
     advantages, returns = estimate(rewards, kl, beta, scores.values, mask, algo)
     exp = Experience(
@@ -114,22 +124,57 @@ def make_experience(
     return exp, rollout_stats(rollout, scores, kl, returns)
 
 
+def policy_kl(old, ref: torch.Tensor, mask: torch.Tensor, algo: AlgorithmConfig) -> torch.Tensor:
+    """[B, R] per-token KL estimate of the policy to the reference; zeros (no penalty) while
+    the old logprobs are the update's to give."""
+    if old is None:
+        return torch.zeros_like(mask)
+    return kl_estimate(old, ref, algo.kl_estimator) * mask
+
+
 def rollout_stats(rollout: Rollout, scores: Scores, kl: torch.Tensor, returns) -> RolloutStats:
+    """The step's figures. While the old logprobs are the update's to give, the KL and the
+    engine agreement are NaN until `with_update_logprobs` fills them in."""
     mask = rollout.action_mask
     lengths = mask.sum(1)
-    gap = (rollout.engine_logprobs - scores.old_logprobs).abs()
-    gap = torch.where(mask.bool(), gap, torch.zeros_like(gap))  # padding may hold inf
+    diff, gap_mean = engine_agreement(rollout, scores.old_logprobs)
+    known = scores.old_logprobs is not None
     return RolloutStats(
         reward_mean=scores.rewards.mean().item(),
         reward_std=scores.rewards.std().item() if len(rollout) > 1 else 0.0,
-        kl=masked_sum(kl, mask, dim=1).mean().item(),
+        kl=masked_sum(kl, mask, dim=1).mean().item() if known else float("nan"),
         response_length=lengths.mean().item(),
         tokens=int(lengths.sum().item()),
         total_tokens=int(rollout.attention_mask.sum().item()),
         explained_variance=explained_variance(scores.values, returns, mask).item(),
-        engine_logprob_diff=gap.max().item(),
-        engine_logprob_gap_mean=(gap.sum() / mask.sum().clamp(min=1)).item(),
+        engine_logprob_diff=diff,
+        engine_logprob_gap_mean=gap_mean,
     )
+
+
+def engine_agreement(rollout: Rollout, old) -> tuple[float, float]:
+    """Max and mean |engine logprob - trainer logprob| over the sampled tokens (NaN without
+    the trainer's)."""
+    if old is None:
+        return float("nan"), float("nan")
+    mask = rollout.action_mask
+    gap = (rollout.engine_logprobs - old).abs()
+    gap = torch.where(mask.bool(), gap, torch.zeros_like(gap))  # padding may hold inf
+    return gap.max().item(), (gap.sum() / mask.sum().clamp(min=1)).item()
+
+
+def with_update_logprobs(
+    stats: RolloutStats, rollout: Rollout, ref_logprobs: torch.Tensor, update_logprobs, algo
+) -> RolloutStats:
+    """`stats` with the KL to the reference and the engine agreement measured on the logprobs
+    the update's forward gave ([B, R], `update_gives_old_logprobs`): the figures the score
+    phase's own forward would have given."""
+    mask = rollout.action_mask
+    old = update_logprobs * mask
+    kl = policy_kl(old, ref_logprobs, mask, algo)
+    diff, gap_mean = engine_agreement(rollout, old)
+    kl_mean = masked_sum(kl, mask, dim=1).mean().item()
+    return replace(stats, kl=kl_mean, engine_logprob_diff=diff, engine_logprob_gap_mean=gap_mean)
 
 
 def loss_norms(exp: Experience, ranks: int, mini_batches: int, max_len: int) -> list[LossNorm]:

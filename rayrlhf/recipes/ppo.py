@@ -8,7 +8,8 @@
 
 Departure from the textbook: old logprobs are recomputed by the trainer rather than taken from
 vLLM, so the importance ratio compares like with like; the engine's own logprobs are logged as
-`rollout/engine_logprob_diff`, an early alarm for a broken weight sync.
+`rollout/engine_logprob_diff`, an early alarm for a broken weight sync. In one on-policy pass
+(`update_gives_old_logprobs`) the update's own forward is that recomputation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from rayrlhf.algorithms.experience import assemble_rollout, loss_norms, make_experience
+from rayrlhf.algorithms.experience import (
+    assemble_rollout,
+    loss_norms,
+    make_experience,
+    with_update_logprobs,
+)
 from rayrlhf.algorithms.kl import kl_controller
 from rayrlhf.algorithms.losses import pair_gap_limit
 from rayrlhf.algorithms.rewards import RunningMoments
@@ -56,7 +62,7 @@ from rayrlhf.runtime.preflight import check_prompts, context_limit, preflight
 from rayrlhf.runtime.run_dir import note_used_run_dir, write_run_config
 from rayrlhf.runtime.scale import read_request
 from rayrlhf.runtime.stop import EXIT_STOPPED, StopNow, Stopped, StopSignals
-from rayrlhf.types import Experience, Scores, TrainStats
+from rayrlhf.types import Experience, Scores, StepUpdate, TrainStats
 from rayrlhf.workers.rollout import EngineSample
 
 
@@ -100,14 +106,17 @@ def ppo_step(run: Run, step: int) -> None:
             exp, cfg.policy.num_ranks, algo.num_mini_batches, cfg.rollout.max_new_tokens
         )
     with t("train"):
-        policy_stats, critic_stats = train_unless_empty(roles, exp, beta, norms, t, step)
-        run.check_skips(step, policy_stats, critic_stats)  # K non-finite steps in a row: stop
+        update = train_unless_empty(roles, exp, beta, norms, t, step)
+        run.check_skips(step, update.policy, update.critic)  # K non-finite in a row: stop
+    if scores.old_logprobs is None:  # the update's forward gave them (none ran: ask the policy)
+        own = roles.policy_logprobs(rollout) if update.logprobs is None else update.logprobs
+        rollout_stats = with_update_logprobs(rollout_stats, rollout, scores.ref_logprobs, own, algo)
     with t("sync"):
         sync = roles.sync_weights()
     run.kl_ctl.update(rollout_stats.kl, n_steps=len(rollout))
     evals = run.evaluate(roles, step)  # {} unless eval.every_steps makes it due
     run.record(
-        step, rollout_stats, policy_stats, critic_stats, sync, t, samples, beta,
+        step, rollout_stats, update.policy, update.critic, sync, t, samples, beta,
         reward_record(scores) | evals,
     )  # fmt: skip
 
@@ -135,14 +144,14 @@ def reward_record(scores: Scores) -> dict[str, float]:
     return {f"reward/{k}": v for k, v in scores.reward.summary().items()}
 
 
-def train_unless_empty(roles: Roles, exp, beta, norms, timer, step) -> tuple[TrainStats, ...]:
+def train_unless_empty(roles: Roles, exp, beta, norms, timer, step) -> StepUpdate:
     """`Roles.train`, or no update (zero stats, a warning) when no action token is left, e.g.
     every sample's reward was invalid."""
     if exp.action_mask.sum().item() > 0:
         return roles.train(exp, beta, norms, timer)
     print(f"warning: step {step}: no sample left to train on (all rewards invalid or every "
           "response masked); the update is skipped", flush=True)  # fmt: skip
-    return TrainStats(loss=0.0), TrainStats(loss=0.0)
+    return StepUpdate(TrainStats(loss=0.0), TrainStats(loss=0.0))
 
 
 EXIT_FAILED = 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from rayrlhf.algorithms.experience import update_gives_old_logprobs
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.capacity import check_capacity, cluster_shape_from_ray
 from rayrlhf.cluster.placement import threads_for
@@ -28,6 +29,7 @@ from rayrlhf.types import (
     Rollout,
     Sample,
     Scores,
+    StepUpdate,
     SyncResult,
     Timed,
     TrainStats,
@@ -139,13 +141,15 @@ class Roles:
         return [s for part in parts for s in part.value]
 
     def score(self, rollout: Rollout, timer=None) -> Scores:
-        """Reward, reference logprobs, old policy logprobs and values, all concurrently."""
+        """Reward, reference logprobs, old policy logprobs and values, all concurrently; the
+        old logprobs are left to the update where its forward gives them (`Scores`)."""
         ref = ray.put(rollout)
-        pol = [a.forward_logprobs.remote(s) for a, s in _shards(self.policy, rollout)]
+        skip_old = update_gives_old_logprobs(self.cfg.algorithm)
+        pol = [] if skip_old else self._policy_logprobs(rollout)
         crt = [a.forward_values.remote(s) for a, s in _shards(self.critic, rollout)]
         rew, ref_lp = self.reward.score.remote(ref), self.reference.forward_logprobs.remote(ref)
         out = self.get([rew, ref_lp, *pol, *crt], "score")
-        n = len(self.policy)
+        n = len(pol)
         _busy(
             timer,
             reward=out[:1],
@@ -157,10 +161,17 @@ class Roles:
         return Scores(
             rewards=values[0].scores,
             ref_logprobs=values[1],
-            old_logprobs=torch.cat(values[2 : 2 + n]),
+            old_logprobs=torch.cat(values[2 : 2 + n]) if pol else None,
             values=torch.cat(values[2 + n :]) if crt else torch.zeros_like(rollout.action_mask),
             reward=values[0],
         )
+
+    def _policy_logprobs(self, rollout: Rollout) -> list:
+        return [a.forward_logprobs.remote(s) for a, s in _shards(self.policy, rollout)]
+
+    def policy_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """[B, R] `rollout`'s logprobs under the current policy (0 on padding)."""
+        return torch.cat([o.value for o in self.get(self._policy_logprobs(rollout), "score")])
 
     def rewards(self, rollout: Rollout) -> RewardOutput:
         """The reward of `rollout` from the reward actor alone (evaluation)."""
@@ -168,7 +179,7 @@ class Roles:
 
     def train(
         self, exp: Experience, kl_coef: float, norms: list[LossNorm], timer=None
-    ) -> tuple[TrainStats, TrainStats]:
+    ) -> StepUpdate:
         """Policy and critic updates, concurrently; stats averaged over ranks and epochs."""
         algo, pol, crt = self.cfg.algorithm, [], []
         for _ in range(algo.ppo_epochs):
@@ -178,7 +189,12 @@ class Roles:
             _busy(timer, train_policy=out[: len(p)], train_critic=out[len(p) :])
             pol += [o.value for o in out[: len(p)]]
             crt += [o.value for o in out[len(p) :]]
-        return mean_stats(pol), mean_stats(crt) if crt else TrainStats(loss=0.0)
+        own = [u.logprobs for u in pol]  # the ranks' shards, in row order (one epoch)
+        return StepUpdate(
+            mean_stats([u.stats for u in pol]),
+            mean_stats(crt) if crt else TrainStats(loss=0.0),
+            torch.cat(own) if exp.old_logprobs is None else None,
+        )
 
     def sync_weights(self) -> SyncResult:
         """Push the policy's new weights into every engine and verify them (`WeightSync.sync`).

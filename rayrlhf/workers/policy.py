@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import torch
 
+from rayrlhf.algorithms.experience import update_gives_old_logprobs
 from rayrlhf.algorithms.kl import kl_loss_term
 from rayrlhf.algorithms.losses import Aggregation, entropy_bonus, ppo_policy_loss
 from rayrlhf.algorithms.masked import masked_mean
@@ -19,6 +20,7 @@ from rayrlhf.models.forward import response_logprobs
 from rayrlhf.types import (
     Experience,
     LossNorm,
+    PolicyUpdate,
     Rollout,
     TrainStats,
     micro_batches,
@@ -65,33 +67,42 @@ class PolicyWorker(DeepSpeedRole, WeightSender):
     @timed
     def train_step(
         self, exp: Experience, algo: AlgorithmConfig, kl_coef: float, norms: list[LossNorm]
-    ) -> TrainStats:
+    ) -> PolicyUpdate:
         """One pass over this rank's shard: `norms[k]` normalises optimizer step k (DeepSpeed
-        accumulates `grad_accum_steps` micro-batches per step)."""
+        accumulates `grad_accum_steps` micro-batches per step). Without `exp.old_logprobs` (one
+        on-policy pass) each micro-batch's forward, detached, is its own old logprobs, and they
+        come back ([b, R], padding not masked) for the step's KL and engine-agreement figures."""
+        own_old = exp.old_logprobs is None
+        if own_old and not update_gives_old_logprobs(algo):
+            raise ValueError("old logprobs are needed for more than one pass over the batch")
         self.engine.train()
-        accum, stats = self.spec.grad_accum_steps, []
+        accum, stats, seen = self.spec.grad_accum_steps, [], []
         # DeepSpeed divides by the accumulation steps and averages gradients over ranks; undo
         # both so the step's gradient is that of the global aggregate (see `LossNorm`).
         scale, outcomes = accum * self.spec.world_size, []
         for i, mb in enumerate(micro_batches(exp, self.spec.micro_batch_size)):
-            loss, s = self._policy_loss(mb, algo, kl_coef, norms[i // accum])
+            loss, s, logprobs = self._policy_loss(mb, algo, kl_coef, norms[i // accum])
             outcomes.append(self.backward_step(loss * scale))  # non-finite: step skipped
             stats.append(replace(s, loss=loss.item() * scale))
-        return replace(mean_stats(stats), **StepOutcome.fields(outcomes))
+            seen.append(logprobs.cpu())
+        stats = replace(mean_stats(stats), **StepOutcome.fields(outcomes))
+        return PolicyUpdate(stats, torch.cat(seen) if own_old else None)
 
     def _policy_loss(
         self, mb: Experience, algo: AlgorithmConfig, kl_coef: float, norm: LossNorm
-    ) -> tuple[torch.Tensor, TrainStats]:
-        """Clipped PPO surrogate (+ KL term in kl_mode 'loss', - entropy bonus) of a micro-batch."""
+    ) -> tuple[torch.Tensor, TrainStats, torch.Tensor]:
+        """Clipped PPO surrogate (+ KL term in kl_mode 'loss', - entropy bonus) of a micro-batch,
+        its stats and its logprobs (detached)."""
         logprobs, entropy = response_logprobs(
             self.engine, mb.sequences, mb.attention_mask, mb.action_mask.shape[1], with_entropy=True
         )
         dev = logprobs.device
         mask = mb.action_mask.to(dev)
         agg = Aggregation(algo.loss_aggregation, norm)
+        old = logprobs.detach() if mb.old_logprobs is None else mb.old_logprobs.to(dev)
         loss, s = ppo_policy_loss(
             logprobs,
-            mb.old_logprobs.to(dev),
+            old,
             mb.advantages.to(dev),
             mask,
             algo.clip_eps,
@@ -103,9 +114,10 @@ class PolicyWorker(DeepSpeedRole, WeightSender):
             loss = loss + kl_coef * kl_loss_term(logprobs, ref, mask, algo.kl_estimator, agg=agg)
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * entropy_bonus(entropy, mask, agg)
-        return loss, TrainStats(
+        stats = TrainStats(
             loss=0.0,
             approx_kl=s.approx_kl.item(),
             clipfrac=s.clipfrac.item(),
             entropy=masked_mean(entropy.detach(), mask).item(),
         )
+        return loss, stats, logprobs.detach()

@@ -1,12 +1,19 @@
+import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from rayrlhf.algorithms.experience import assemble_rollout, make_experience
+from rayrlhf.algorithms.experience import (
+    assemble_rollout,
+    make_experience,
+    update_gives_old_logprobs,
+    with_update_logprobs,
+)
 from rayrlhf.config import AlgorithmConfig
 from rayrlhf.types import Experience, Rollout, Sample, Scores, micro_batches, shard_rows
 
@@ -294,3 +301,44 @@ def test_grpo_without_groups_is_rejected_before_anything_runs():
         AlgorithmConfig(advantage="grpo", n_samples_per_prompt=1)
     with pytest.raises(ValueError, match="divisible by algorithm.n_samples_per_prompt"):
         AlgorithmConfig(advantage="grpo", n_samples_per_prompt=3, rollout_batch_size=32)
+
+
+def test_only_one_on_policy_pass_with_the_kl_in_the_loss_leaves_old_logprobs_to_the_update():
+    single = AlgorithmConfig(ppo_epochs=1, num_mini_batches=1, kl_mode="loss")
+    assert update_gives_old_logprobs(single)
+    assert not update_gives_old_logprobs(single.model_copy(update={"ppo_epochs": 2}))
+    assert not update_gives_old_logprobs(single.model_copy(update={"num_mini_batches": 2}))
+    assert not update_gives_old_logprobs(single.model_copy(update={"kl_mode": "reward"}))
+
+
+def test_update_logprobs_give_the_figures_the_score_phase_would():
+    """Without old logprobs the KL and engine agreement wait (NaN), then come out as they
+    would have from the same logprobs at scoring; the advantages do not depend on them."""
+    r, scores = _rollout_and_scores(rewards=(1.0, 0.0))
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, 7.0, 7.0]])  # 7.0: garbage on padding
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, -9.0, 3.0]])
+    scores = replace(scores, ref_logprobs=ref, old_logprobs=old)
+    algo = AlgorithmConfig(kl_mode="loss", kl_estimator="k1", whiten_advantages=False)
+    full_exp, full = make_experience(r, scores, algo, 0.1)
+    exp, waiting = make_experience(r, replace(scores, old_logprobs=None), algo, 0.1)
+    assert exp.old_logprobs is None and torch.equal(exp.advantages, full_exp.advantages)
+    assert math.isnan(waiting.kl) and math.isnan(waiting.engine_logprob_diff)
+    filled = with_update_logprobs(waiting, r, ref, old, algo)
+    assert filled == full
+    assert filled.kl == pytest.approx((-0.5 + -0.2) / 2)  # padding's garbage is masked out
+    with pytest.raises(ValueError, match="KL penalty in the reward"):
+        make_experience(
+            r,
+            replace(scores, old_logprobs=None),
+            algo.model_copy(update={"kl_mode": "reward"}),
+            0.1,
+        )
+
+
+def test_shards_keep_a_missing_field_missing():
+    r, scores = _rollout_and_scores()
+    exp, _ = make_experience(
+        r, replace(scores, old_logprobs=None), AlgorithmConfig(kl_mode="loss"), 0.0
+    )
+    parts = shard_rows(exp, 2) + micro_batches(exp, 1)
+    assert all(p.old_logprobs is None and len(p) == 1 for p in parts)

@@ -11,12 +11,21 @@ summation order, which moves a 2-layer model's logprobs by ~1e-6 (measured). We 
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rayrlhf.algorithms.experience import assemble_rollout, loss_norms, make_experience
+from rayrlhf.algorithms.experience import (
+    assemble_rollout,
+    loss_norms,
+    make_experience,
+    update_gives_old_logprobs,
+    with_update_logprobs,
+)
 from rayrlhf.config import load_config
 from rayrlhf.data.demo_task import demo_prompts
 from rayrlhf.recipes.ppo_roles import Roles
@@ -90,13 +99,41 @@ def test_first_ppo_update_has_zero_kl_and_clipfrac(stack):
     algo = cfg.algorithm
     exp, _ = make_experience(rollout, roles.score(rollout), algo, algo.kl_coef)
     norms = loss_norms(exp, len(roles.policy), algo.num_mini_batches, cfg.rollout.max_new_tokens)
-    policy_stats, critic_stats = roles.train(exp, algo.kl_coef, norms)
+    update = roles.train(exp, algo.kl_coef, norms)
+    policy_stats, critic_stats = update.policy, update.critic
     # One optimizer step after all micro-batches: every ratio is exactly 1.
     assert abs(policy_stats.approx_kl) < 1e-6
     assert policy_stats.clipfrac == 0.0
     assert critic_stats.loss > 0
     after = roles.policy_fingerprint()
     assert after != before  # the update changed the weights
+
+
+def test_a_single_pass_update_gives_the_old_logprobs_the_score_phase_would(stack):
+    """One epoch, one mini-batch, KL in the loss: the score phase leaves the old logprobs to
+    the update, whose forward (before its one optimizer step) gives what the skipped forward
+    would have: the ratio is 1 and the step's KL and engine agreement are measured alike."""
+    cfg, roles, tok = stack
+    algo = cfg.algorithm.model_copy(update={"kl_mode": "loss", "kl_estimator": "k3"})
+    assert update_gives_old_logprobs(algo) and not update_gives_old_logprobs(cfg.algorithm)
+    roles.sync_weights()  # the engines sample from the policy the update starts from
+    rollout = _rollout(roles, tok, seed=2)
+    scored = roles.score(rollout)  # cfg's KL is in the reward: the score phase computes them
+    exp, stats = make_experience(rollout, replace(scored, old_logprobs=None), algo, 0.1)
+    assert exp.old_logprobs is None and math.isnan(stats.kl)
+    norms = loss_norms(exp, len(roles.policy), 1, cfg.rollout.max_new_tokens)
+    shards = exp.split(len(roles.policy))
+    calls = [p.train_step.remote(s, algo, 0.1, norms) for p, s in zip(roles.policy, shards)]
+    out = [o.value for o in ray.get(calls)]
+    own = torch.cat([o.logprobs for o in out])
+    mask = rollout.action_mask.bool()
+    assert (own - scored.old_logprobs).abs()[mask].max().item() < 1e-5
+    assert all(o.stats.approx_kl == 0 and o.stats.clipfrac == 0 for o in out)
+    filled = with_update_logprobs(stats, rollout, scored.ref_logprobs, own, algo)
+    _, expected = make_experience(rollout, scored, algo, 0.1)
+    assert filled.kl == pytest.approx(expected.kl, abs=1e-5)
+    assert filled.engine_logprob_diff == pytest.approx(expected.engine_logprob_diff, abs=1e-5)
+    assert filled.engine_logprob_diff < LOGPROB_TOL
 
 
 def test_broadcast_sync_fingerprints_match(stack):

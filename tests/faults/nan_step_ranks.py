@@ -92,7 +92,7 @@ def run_policy(spec: RankSpec, exps: list[tuple]) -> list[dict]:
     w = spec.world_size
     norm = LossNorm(tokens=ROWS * R * w, sequences=ROWS * w, max_len=R)
     for name, exp in exps:
-        stats = worker.train_step(exp, algo, algo.kl_coef, [norm] * (len(exp) // ROWS)).value
+        stats = worker.train_step(exp, algo, algo.kl_coef, [norm] * (len(exp) // ROWS)).value.stats
         out.append({"call": name, "stats": asdict(stats), "state": state_hash(worker)})
     return out
 

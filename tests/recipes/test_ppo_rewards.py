@@ -8,7 +8,7 @@ import math
 import torch
 
 from rayrlhf.recipes.ppo import invalid_filter, reward_record, train_unless_empty
-from rayrlhf.types import Experience, RewardOutput, Scores, TrainStats
+from rayrlhf.types import Experience, RewardOutput, Scores, StepUpdate, TrainStats
 
 
 def _exp(b: int = 3, r: int = 4) -> Experience:
@@ -42,17 +42,18 @@ class _Roles:
 
     def train(self, exp, beta, norms, timer):
         self.trained += 1
-        return TrainStats(loss=1.0), TrainStats(loss=2.0)
+        return StepUpdate(TrainStats(loss=1.0), TrainStats(loss=2.0))
 
 
 def test_an_all_invalid_batch_skips_the_update_with_a_warning(capsys):
     roles = _Roles()
     exp = invalid_filter(_exp(), _scores([False, False, False]))
-    policy, critic = train_unless_empty(roles, exp, 0.1, [], None, step=7)
-    assert roles.trained == 0 and policy.loss == critic.loss == 0.0
+    update = train_unless_empty(roles, exp, 0.1, [], None, step=7)
+    assert roles.trained == 0 and update.policy.loss == update.critic.loss == 0.0
+    assert update.logprobs is None  # no forward ran: the driver asks the policy for them
     assert "warning: step 7: no sample left to train on" in capsys.readouterr().out
-    policy, _ = train_unless_empty(roles, _exp(), 0.1, [], None, step=8)
-    assert roles.trained == 1 and policy.loss == 1.0
+    update = train_unless_empty(roles, _exp(), 0.1, [], None, step=8)
+    assert roles.trained == 1 and update.policy.loss == 1.0
 
 
 def test_reward_record_counts_invalid_and_averages_extras_over_valid():
