@@ -6,6 +6,9 @@ vLLM does, so trainer logprobs match the engine's.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor, nn
 from transformers import (
@@ -94,11 +97,20 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 def _inputs(sequences: Tensor, attention_mask: Tensor, device: torch.device) -> dict:
+    """A forward's inputs. No KV cache: nothing is decoded after a scoring or training forward,
+    yet the cache (on by the config's default) would hold every layer's keys and values."""
     return {
         "input_ids": sequences.to(device),
         "attention_mask": attention_mask.to(device),
         "position_ids": position_ids(attention_mask).to(device),
+        "use_cache": False,
     }
+
+
+@functools.cache
+def _keeps_logits(cls: type) -> bool:
+    """Whether a causal LM class can compute logits for its last positions only."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def response_logprobs(
@@ -110,7 +122,10 @@ def response_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """Logprobs [B, R] of the response tokens (and per-token entropy [B, R] if asked)."""
     device = next(model.parameters()).device
-    logits = model(**_inputs(sequences, attention_mask, device)).logits
+    inputs = _inputs(sequences, attention_mask, device)
+    if _keeps_logits(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps it
+        inputs["logits_to_keep"] = response_len + 1  # no LM head over the prompt's positions
+    logits = model(**inputs).logits
     logits = logits[:, -response_len - 1 : -1]  # the logit at t predicts token t+1
     labels = sequences[:, -response_len:].to(device)
     logprobs = logprobs_from_logits(logits, labels)

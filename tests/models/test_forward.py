@@ -110,6 +110,24 @@ def test_response_logprobs_equals_manual_log_softmax(models):
 
 
 @torch.no_grad()
+def test_the_lm_head_runs_over_the_response_positions_only_and_no_cache_is_kept(models):
+    """The prompt's logits are never read, so they are not computed; nor is a KV cache kept."""
+    model, widths, outputs = models["policy"], [], []
+    head = model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: widths.append(args[0].shape[1])
+    )
+    whole = model.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    try:
+        seq = torch.tensor([PROMPT + RESPONSE])
+        response_logprobs(model, seq, torch.ones_like(seq), len(RESPONSE))
+    finally:
+        head.remove()
+        whole.remove()
+    assert widths == [len(RESPONSE) + 1] and len(PROMPT) > 1
+    assert outputs[0].past_key_values is None
+
+
+@torch.no_grad()
 def test_response_values_left_padding_matches_unpadded(models, pad_id):
     critic = models["critic"]
     r = len(RESPONSE)
