@@ -456,3 +456,12 @@ def test_adaptive_kl_start_outside_its_bounds_is_rejected():
                 "algorithm.kl_coef_min=0.02",
             ],
         )
+
+
+def test_a_role_may_get_more_threads_than_cpus_but_an_engine_may_not():
+    from rayrlhf.cluster.placement import threads_for
+
+    cfg = load_config(None, ["policy.resources.num_threads=2", "make_tiny_models=null"])
+    assert threads_for(cfg.policy.resources) == 2 and threads_for(cfg.critic.resources) == 1
+    with pytest.raises(ConfigError, match="rollout.resources: vLLM binds its own threads"):
+        load_config(None, ["rollout.resources.num_threads=2"])

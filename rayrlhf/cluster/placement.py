@@ -136,8 +136,8 @@ def actor_options(pg: PlacementGroup, index: int, res: Resources) -> dict:
 
 
 def threads_for(res: Resources) -> int:
-    """torch threads for an actor: its bundle's CPUs."""
-    return max(1, int(res.num_cpus))
+    """torch threads for an actor: `res.num_threads`, else its bundle's CPUs."""
+    return res.num_threads or max(1, int(res.num_cpus))
 
 
 def node_address_and_port() -> tuple[str, int]:

@@ -24,6 +24,11 @@ class Resources(Section):
     """GPUs reserved per actor of this role; 0 on a CPU-only machine."""
     custom: dict[str, float] = {}
     """Extra Ray custom resources per actor, e.g. {"rollout_node": 1} to pin a node type."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch threads of each actor of this role (None: one per reserved CPU). On a CPU machine
+    the roles mostly take turns (generate, score, train), so a role alone in its phase, the
+    policy in a critic-free update say, may be given every core. Not for vLLM engines: vLLM
+    binds its own threads (VLLM_CPU_OMP_THREADS_BIND)."""
 
 
 class RankGroupConfig(Section):

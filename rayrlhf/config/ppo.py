@@ -53,6 +53,13 @@ class RolloutConfig(Section):
     reads) ends before the stop string. EOS and the generation config's stop tokens always
     stop."""
 
+    @field_validator("resources")
+    @classmethod
+    def _no_engine_threads(cls, res: Resources) -> Resources:
+        if res.num_threads is not None:
+            raise ValueError("vLLM binds its own threads: set VLLM_CPU_OMP_THREADS_BIND instead")
+        return res
+
 
 OnBadRow = Literal["error", "skip"]
 """A malformed data row stops the run naming its file and line or row ('error'), or is left out
