@@ -12,6 +12,8 @@ Definitions:
     tokens_per_sec_per_device  total tokens / (step seconds x devices); a device is one actor's
                                GPU share, or its CPU bundle on a CPU-only machine
     orchestration_overhead     1 - (per phase, the busiest role's compute seconds) / step seconds
+    efficiency                 per role and for the step, achieved FLOP/s against a matmul peak
+                               measured in the same run (benchmarks/efficiency.py)
 --sync-compare times the bucketed, streamed sync (the run's transport: shared memory on one
 node) against peers' per-parameter sync (rank 0 gathers one parameter and puts it in the object
 store, one RPC per engine, one wait at a time) and against three ablations, on the same actors
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import ray
 import torch
+from efficiency import efficiency
 
 from rayrlhf.config import TrainConfig, load_config
 from rayrlhf.recipes.ppo import Run, ppo_step
@@ -122,6 +125,7 @@ def summarize(records: list[dict], cfg: TrainConfig) -> dict:
         "sync_gb_per_sec": statistics.fmean(r["sync/gb_per_sec"] for r in rs),
         "sync_bytes": rs[-1]["sync/bytes"],
         "mean_reward": statistics.fmean(r["rollout/reward_mean"] for r in rs),
+        "efficiency": efficiency(rs, cfg),
     }
 
 

@@ -73,6 +73,7 @@ def rayrlhf_side(size: str, steps: int, tmp: str) -> dict:
         ray.shutdown()
     s = summarize(read_metrics(run_dir), cfg)
     keep = ("step_seconds", "generated_tokens_per_sec", "phase_seconds", "measured_steps")
+    keep += ("role_busy_seconds", "efficiency")
     return {k: s[k] for k in keep} | {"policy_ranks": cfg.policy.num_ranks}
 
 

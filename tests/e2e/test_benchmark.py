@@ -61,3 +61,23 @@ def test_sync_comparison_loads_the_same_weights_every_way(bench):
     assert sync["per_parameter"]["buckets"] > sync["bucketed"]["buckets"] >= 1
     assert sync["speedup"] > 1, sync
     assert 0 < sync["fraction_of_memcpy"] < 1
+
+
+def test_efficiency_figures_put_each_role_against_the_measured_peak(bench, tiny_models):
+    """FLOP/s per role and for the step, each a fraction of the matmul peak of its threads:
+    below 1, above 0, and the parameter count is the model's, less its input embedding."""
+    from transformers import AutoModelForCausalLM
+
+    eff = bench["runs"][0]["efficiency"]
+    assert min(eff["matmul_peak_gflops_per_sec"].values()) > 0
+    roles = eff["roles"]
+    expected = {"generate", "reference", "reward", "old_logprobs", "train_policy", "critic"}
+    assert expected | {"train_critic"} == roles.keys(), roles.keys()
+    for name, role in roles.items():
+        assert 0 < role["fraction_of_peak"] < 1, (name, role)
+    assert 0 < eff["step"]["fraction_of_peak"] < 1
+    policy = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    whole = sum(p.numel() for p in policy.parameters())
+    embed = policy.get_input_embeddings().weight.numel()
+    assert not policy.config.tie_word_embeddings  # else the output layer counts the embedding
+    assert roles["generate"]["params"] == roles["train_policy"]["params"] == whole - embed
