@@ -62,8 +62,8 @@ def trl_python(venv: Path) -> Path:
     return python
 
 
-def rayrlhf_side(size: str, steps: int, tmp: str) -> dict:
-    cfg = bench_config(size, 1, steps, f"{tmp}/rayrlhf", GRPO)
+def rayrlhf_side(size: str, steps: int, tmp: str, extra: list[str]) -> dict:
+    cfg = bench_config(size, 1, steps, f"{tmp}/rayrlhf", GRPO + extra)
     assert cfg.rollout.max_new_tokens == RESPONSE_TOKENS[size]
     ray.init(num_cpus=7, include_dashboard=False, log_to_driver=False)
     try:
@@ -107,9 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(RESPONSE_TOKENS), default="tiny")
     parser.add_argument("--steps", type=int, default=6, help="steps a side (first is warm-up)")
+    parser.add_argument(
+        "--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+        help="an override of the project's side (its layout, say); the work stays identical",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rayrlhf-vs-trl-") as tmp:
-        ours = rayrlhf_side(args.size, args.steps, tmp)  # builds the tiny models if needed
+        ours = rayrlhf_side(args.size, args.steps, tmp, args.extra)  # builds tiny if needed
         print("[vs-trl] TRL GRPOTrainer", file=sys.stderr, flush=True)
         theirs = trl_side(args.size, args.steps, tmp)
     out = {
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
             "optimizer_steps_per_batch": 1,
             "trl": f"trl=={TRL}, GRPOTrainer, HF generate",
             "steps": args.steps,
+            "rayrlhf_overrides": args.extra,
         },  # fmt: skip
         "trl": theirs,
         "rayrlhf": ours,
