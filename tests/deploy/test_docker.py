@@ -69,6 +69,13 @@ def test_gpu_image_installs_the_gpu_extra_and_checks_it():
     assert "FROM nvidia/cuda:" in text
 
 
+def test_gpu_image_has_the_rdma_userspace():
+    # NCCL's IB transport dlopens libibverbs and its mlx5 provider; the CUDA base has neither, and
+    # without them NCCL uses TCP sockets even with the RDMA device in the pod (deploy/README.md).
+    apt = run_lines(DOCKERFILES["gpu"]).split("apt-get install", 2)[2].split("&&")[0].split()
+    assert {"libibverbs1", "ibverbs-providers", "ibverbs-utils"} <= set(apt)
+
+
 def test_cpu_image_is_the_ci_stack():
     text = run_lines(DOCKERFILES["cpu"])
     assert f"ARG TORCH_INDEX={TORCH_CPU_INDEX}\n" in text

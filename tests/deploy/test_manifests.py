@@ -3,6 +3,7 @@ shapes, the image tag and each other (resources, ports, token auth, dashboard ex
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import tomllib
@@ -21,6 +22,10 @@ KUBERAY = DEPLOY / "kuberay"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 IMAGE = f"rayrlhf:{PROJECT['version']}-gpu"
 SECRET = "rayrlhf-ray-token"
+# The NVIDIA network operator's RDMA shared device plugin under its default name; an SR-IOV VF
+# resource would be named by the cluster's SriovNetworkNodePolicy (deploy/README.md, "RDMA").
+RDMA_RESOURCE = "rdma/rdma_shared_device_a"
+RDMA_PREFIXES = ("rdma/",)
 # recipe -> (RayCluster manifest, shipped cluster shape)
 CLUSTERS = {
     "llama3-8b-2x8xa100.yaml": ("raycluster-llama3-8b.yaml", "llama3-8b-2x8xa100.yaml"),
@@ -181,7 +186,7 @@ def test_token_auth_from_the_secret_everywhere():
         assert spec["autoscalerOptions"]["env"] == want
         for pod in pods(spec):
             for c in pod["spec"]["containers"]:
-                assert c["env"] == want
+                assert c["env"][: len(want)] == want  # GPU workers add NCCL's fabric settings
 
 
 def test_dashboard_stays_inside_the_cluster():
@@ -190,7 +195,8 @@ def test_dashboard_stays_inside_the_cluster():
         assert "ingress" not in json.dumps(spec).lower()
     for path in DEPLOY.rglob("*.yaml"):
         for doc in load(path):
-            assert doc.get("kind") not in ("Ingress", "Service"), path
+            # hostnetwork-patch.yaml is a JSON patch (a list): it changes fields, adds no object
+            assert isinstance(doc, list) or doc.get("kind") not in ("Ingress", "Service"), path
     up = load(DEPLOY / "ray-up" / "llama3-8b.yaml")[0]
     assert "--dashboard-host=127.0.0.1" in " ".join(up["head_start_ray_commands"])
 
@@ -274,3 +280,139 @@ def test_driver_metrics_port_is_open_on_the_head(recipe):
     scrape = load(DEPLOY / "monitoring" / "prometheus.yml")[0]
     target = scrape["scrape_configs"][0]["static_configs"][0]["targets"][0]
     assert target.endswith(f":{cfg.metrics.port}")
+
+
+def container_of(group: dict) -> dict:
+    (c,) = group["template"]["spec"]["containers"]
+    return c
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def rdma_resources(container: dict) -> dict[str, dict]:
+    """The container's RDMA device-plugin resources, in limits and in requests."""
+    res = container["resources"]
+    return {
+        kind: {k: v for k, v in res.get(kind, {}).items() if k.startswith(RDMA_PREFIXES)}
+        for kind in ("limits", "requests")
+    }
+
+
+def test_rdma_devices_and_ipc_lock_on_the_gpu_groups_only():
+    # Without an RDMA device in the container NCCL falls back to TCP on the pod network, which
+    # is what the 24-rank ZeRO-3 group and the weight broadcast would then cross nodes over.
+    for spec in all_specs():
+        head = container_of(spec["headGroupSpec"])
+        assert rdma_resources(head) == {"limits": {}, "requests": {}}
+        assert "securityContext" not in head  # the CPU-only head neither asks for nor needs it
+        for g in spec["workerGroupSpecs"]:
+            # A pod's device-plugin resource is not a Ray resource: Ray's view of the group (and
+            # so the placement and memory plans) stays what rayStartParams says. num-gpus is set
+            # explicitly, so KubeRay does not scan the limits for it either.
+            assert int(g["rayStartParams"]["num-gpus"]) > 0
+            assert "rdma" not in json.dumps(g["rayStartParams"]).lower()
+            c = container_of(g)
+            rdma = rdma_resources(c)
+            assert rdma["limits"] == rdma["requests"] == {RDMA_RESOURCE: "1"}, g["groupName"]
+            # Memory registration pins pages: IPC_LOCK (and, for uid 1000, the runtime's memlock).
+            assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+            assert c["securityContext"].get("privileged", False) is False
+            # NCCL's shared-memory transport within the node needs more than 64 MiB of /dev/shm.
+            (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+            (vol,) = [v for v in g["template"]["spec"]["volumes"] if v["name"] == shm["name"]]
+            assert vol["emptyDir"]["medium"] == "Memory"
+            assert gib(vol["emptyDir"]["sizeLimit"]) >= 16
+
+
+def test_gpu_groups_tell_nccl_which_fabric_to_use():
+    for spec in all_specs():
+        assert not any(k.startswith("NCCL_") for k in env_of(container_of(spec["headGroupSpec"])))
+        for g in spec["workerGroupSpecs"]:
+            env = env_of(container_of(g))
+            assert env["NCCL_IB_HCA"], g["groupName"]  # the HCAs (rails) NCCL may use
+            assert env["NCCL_SOCKET_IFNAME"] == "eth0"  # bootstrap over the pod's own interface
+            assert env["NCCL_DEBUG"] == "WARN"  # INFO only while checking the transport
+            assert env.get("NCCL_IB_DISABLE", "0") == "0"
+
+
+def json_patch(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902 add / replace / test, the operations the hostNetwork patch uses."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = op["path"].lstrip("/").split("/")
+        node = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if op["op"] == "test":
+            assert node[key] == op["value"], op
+        elif op["op"] == "replace":
+            assert key in node if isinstance(node, dict) else key < len(node), op
+            node[key] = op["value"]
+        elif op["op"] == "add":
+            node[key] = op["value"]
+        else:
+            raise AssertionError(f"unexpected op {op}")
+    return doc
+
+
+@pytest.mark.parametrize("manifest", ["raycluster-llama3-8b.yaml", "raycluster-llama3-70b.yaml"])
+def test_host_network_patch_applies_to_the_gpu_groups(manifest):
+    (doc,) = load(KUBERAY / manifest)
+    (ops,) = load(KUBERAY / "hostnetwork-patch.yaml")
+    patched = json_patch(doc, ops)
+    spec = patched["spec"]
+    assert "hostNetwork" not in spec["headGroupSpec"]["template"]["spec"]
+    for g in spec["workerGroupSpecs"]:
+        pod = g["template"]["spec"]
+        assert pod["hostNetwork"] is True
+        assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"  # the head service still resolves
+        env = env_of(container_of(g))
+        assert env["NCCL_SOCKET_IFNAME"] != "eth0"  # the host's interface, not the pod's
+        assert rdma_resources(container_of(g))["limits"] == {RDMA_RESOURCE: "1"}
+    # Only those fields change: the rest of the cluster is the manifest's.
+    for g in spec["workerGroupSpecs"]:
+        del g["template"]["spec"]["hostNetwork"], g["template"]["spec"]["dnsPolicy"]
+        for e in container_of(g)["env"]:
+            if e["name"] == "NCCL_SOCKET_IFNAME":
+                e["value"] = "eth0"
+    assert patched == doc
+
+
+def test_ray_up_gpu_containers_get_the_rdma_devices():
+    from ray.autoscaler._private.docker import docker_start_cmds
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    up = load(DEPLOY / "ray-up" / "llama3-8b.yaml")[0]
+    validate_config(prepare_config(copy.deepcopy(up)))  # Ray's own schema, worker_run_options too
+    docker = up["docker"]
+    # Only the GPU nodes: the head (m6i) has no /dev/infiniband, and docker refuses to start a
+    # container whose --device path is missing.
+    assert not any("infiniband" in o or "IPC_LOCK" in o for o in docker["run_options"])
+    assert "head_run_options" not in docker
+    assert {t for t, n in up["available_node_types"].items() if n["resources"].get("GPU")} == {
+        "trainer",
+        "rollout",
+    }
+    assert all("docker" not in n for n in up["available_node_types"].values())  # no overrides
+    opts = docker["worker_run_options"]
+    assert "--device=/dev/infiniband" in opts
+    assert "--cap-add=IPC_LOCK" in opts
+    assert "--ulimit memlock=-1:-1" in opts  # what makes registration work as uid 1000
+    env = dict(o.removeprefix("--env=").split("=", 1) for o in opts if o.startswith("--env="))
+    assert env["NCCL_IB_HCA"] and env["NCCL_SOCKET_IFNAME"] and env["NCCL_DEBUG"] == "WARN"
+    # `ray up` runs every container on the host's network itself; the options must not add another.
+    cmd = docker_start_cmds(
+        "ubuntu",
+        IMAGE,
+        {},
+        "rayrlhf",
+        docker["run_options"] + opts,
+        up["cluster_name"],
+        "/home/ray",
+        "docker",
+    )
+    assert "--net=host" in cmd and "--network" not in cmd
+    assert "--device=/dev/infiniband" in cmd and "--cap-add=IPC_LOCK" in cmd
