@@ -124,6 +124,13 @@ class Scores:
     reward: RewardOutput | None = None
     """The reward actor's whole output (validity, extras); None means all valid, no extras."""
 
+    @property
+    def valid(self) -> Tensor:
+        """[B] bool: which samples have a valid reward (all of them when `reward` is None)."""
+        if self.reward is None:
+            return torch.ones(self.rewards.shape[0], dtype=torch.bool)
+        return self.reward.valid
+
 
 @dataclass(frozen=True)
 class Experience:

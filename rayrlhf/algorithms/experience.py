@@ -72,13 +72,18 @@ def assemble_rollout(
 
 
 def shape_rewards(
-    rewards: torch.Tensor, algo: AlgorithmConfig, moments: RunningMoments | None
+    rewards: torch.Tensor,
+    algo: AlgorithmConfig,
+    moments: RunningMoments | None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sequence rewards [B] after optional clipping and running normalisation."""
+    """Sequence rewards [B] after optional clipping and running normalisation. Only the valid
+    samples (`valid` [B] bool, None: all) update the running moments: an invalid sample's
+    placeholder 0 is no reward."""
     if algo.reward_clip is not None:
         rewards = clip_rewards(rewards, algo.reward_clip)
     if moments is not None:
-        moments.update(rewards)
+        moments.update(rewards if valid is None else rewards[valid])
         rewards = moments.normalize(rewards)
     return rewards
 
@@ -101,16 +106,19 @@ def make_experience(
     """Shaped rewards and the KL to the reference -> advantages (and returns, for the critic).
 
     `kl_coef` is the controller's current beta; in kl_mode "loss" the KL enters the policy loss
-    instead, so no reward penalty is applied here.
+    instead, so no reward penalty is applied here. Samples without a valid reward
+    (`Scores.valid`) enter no reward statistic and get advantages and returns of 0; the
+    driver also drops them from the action mask.
     """
     mask = rollout.action_mask
     beta = kl_coef if algo.kl_mode == "reward" else 0.0
     if scores.old_logprobs is None and beta:
         raise ValueError("the KL penalty in the reward needs the old logprobs before the update")
     kl = policy_kl(scores.old_logprobs, scores.ref_logprobs, mask, algo)
-    rewards = shape_rewards(scores.rewards, algo, moments)
+    valid = scores.valid
+    rewards = shape_rewards(scores.rewards, algo, moments, valid)
     estimate = get_estimator(algo.advantage)
-    advantages, returns = estimate(rewards, kl, beta, scores.values, mask, algo)
+    advantages, returns = estimate(rewards, kl, beta, scores.values, mask, algo, valid)
     exp = Experience(
         sequences=rollout.sequences,
         attention_mask=rollout.attention_mask,
@@ -134,22 +142,35 @@ def policy_kl(old, ref: torch.Tensor, mask: torch.Tensor, algo: AlgorithmConfig)
 
 def rollout_stats(rollout: Rollout, scores: Scores, kl: torch.Tensor, returns) -> RolloutStats:
     """The step's figures. While the old logprobs are the update's to give, the KL and the
-    engine agreement are NaN until `with_update_logprobs` fills them in."""
+    engine agreement are NaN until `with_update_logprobs` fills them in. The reward's mean and
+    std are over the valid samples (NaN when none is); explained variance is over the tokens
+    that train the critic (valid samples')."""
     mask = rollout.action_mask
     lengths = mask.sum(1)
     diff, gap_mean = engine_agreement(rollout, scores.old_logprobs)
     known = scores.old_logprobs is not None
+    reward_mean, reward_std = valid_moments(scores.rewards, scores.valid)
+    trained = mask * scores.valid.to(mask.dtype).unsqueeze(1)
     return RolloutStats(
-        reward_mean=scores.rewards.mean().item(),
-        reward_std=scores.rewards.std().item() if len(rollout) > 1 else 0.0,
+        reward_mean=reward_mean,
+        reward_std=reward_std,
         kl=masked_sum(kl, mask, dim=1).mean().item() if known else float("nan"),
         response_length=lengths.mean().item(),
         tokens=int(lengths.sum().item()),
         total_tokens=int(rollout.attention_mask.sum().item()),
-        explained_variance=explained_variance(scores.values, returns, mask).item(),
+        explained_variance=explained_variance(scores.values, returns, trained).item(),
         engine_logprob_diff=diff,
         engine_logprob_gap_mean=gap_mean,
     )
+
+
+def valid_moments(rewards: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+    """Mean and sample std of `rewards` [B] over its `valid` [B] entries: NaN for both with no
+    valid entry (the metrics writers log NaN as a gap), std 0.0 with one."""
+    kept = rewards[valid].double()
+    if kept.numel() == 0:
+        return float("nan"), float("nan")
+    return kept.mean().item(), kept.std().item() if kept.numel() > 1 else 0.0
 
 
 def engine_agreement(rollout: Rollout, old) -> tuple[float, float]:

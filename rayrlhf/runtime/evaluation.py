@@ -64,12 +64,14 @@ def load_eval_prompts(cfg: TrainConfig, tokenizer) -> PromptBatch:
 def eval_record(
     rewards: torch.Tensor, samples: list[Sample], accuracy: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """eval/* of one evaluation: [B] rewards and the B samples they score; `accuracy` [B] in
-    {0, 1} when the reward judges correctness (the hook for rewards that report it)."""
+    """eval/* of one evaluation: the valid samples' rewards (any number, NaN mean and std when
+    none is valid) and all the samples; `accuracy` [B] in {0, 1} when the reward judges
+    correctness (the hook for rewards that report it)."""
     lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+    empty = rewards.numel() == 0  # torch's std of nothing warns before giving NaN
     rec = {
-        "eval/reward_mean": rewards.mean().item(),
-        "eval/reward_std": rewards.std(unbiased=False).item(),
+        "eval/reward_mean": math.nan if empty else rewards.mean().item(),
+        "eval/reward_std": math.nan if empty else rewards.std(unbiased=False).item(),
         "eval/response_length": lengths.mean().item(),
         "eval/num_prompts": len(samples),
     }

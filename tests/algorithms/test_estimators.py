@@ -5,6 +5,7 @@ import torch
 
 from rayrlhf.algorithms.advantages import gae, terminal_rewards_with_kl
 from rayrlhf.algorithms.estimators import (
+    NO_PICK,
     best_of_n,
     dr_grpo_advantages,
     get_estimator,
@@ -173,3 +174,70 @@ def test_best_of_n_matches_python_argmax():
     assert best_of_n(scores, 1).tolist() == list(range(40))
     with pytest.raises(ValueError):
         best_of_n(scores, 3)
+
+
+# Invalid samples (a reward function gave None/NaN; the score is a placeholder). Group 1 holds
+# rewards (1, 2, x) with x invalid; group 2 (5, x, x); group 3 (x, x, x); group 4 (0, 3, 9).
+INV_REWARDS = torch.tensor([1.0, 2.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 9.0])
+INV_VALID = torch.tensor([1, 1, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1], dtype=torch.bool)
+INV_MASK = torch.ones(12, 2)
+
+
+def _rows(seq_adv):
+    return torch.tensor(seq_adv).unsqueeze(1).expand(-1, 2)
+
+
+def test_grpo_baseline_and_std_are_over_the_valid_samples_only():
+    out = grpo_advantages(INV_REWARDS, INV_MASK, n=3, valid=INV_VALID)
+    # Group 1: valid (1, 2), mean 1.5, unbiased std sqrt(0.5). Group 4: mean 4, deviations
+    # (-4, -1, 5), unbiased std sqrt(42 / 2). Groups 2 and 3: under two valid samples -> 0.
+    a, s = 0.5 / (math.sqrt(0.5) + 1e-6), math.sqrt(21.0) + 1e-6
+    expected = [-a, a, 0, 0, 0, 0, 0, 0, 0, -4 / s, -1 / s, 5 / s]
+    torch.testing.assert_close(out, _rows(expected))
+
+
+def test_dr_grpo_and_rloo_baselines_are_over_the_valid_samples_only():
+    dr = dr_grpo_advantages(INV_REWARDS, INV_MASK, n=3, valid=INV_VALID)
+    torch.testing.assert_close(dr, _rows([-0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, -4.0, -1.0, 5.0]))
+    # Leave-one-out over valid samples: 1 - 2, 2 - 1; group 4: 0 - 6, 3 - 4.5, 9 - 1.5.
+    rloo = rloo_advantages(INV_REWARDS, INV_MASK, n=3, valid=INV_VALID)
+    torch.testing.assert_close(rloo, _rows([-1.0, 1.0, 0, 0, 0, 0, 0, 0, 0, -6.0, -1.5, 7.5]))
+
+
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
+def test_an_invalid_samples_placeholder_score_changes_nothing(estimator):
+    base = estimator(INV_REWARDS, INV_MASK, n=3, valid=INV_VALID)
+    garbage = torch.where(INV_VALID, INV_REWARDS, torch.tensor(float("nan")))
+    torch.testing.assert_close(estimator(garbage, INV_MASK, n=3, valid=INV_VALID), base)
+    assert torch.equal(estimator(INV_REWARDS, INV_MASK, n=3, valid=None), estimator(
+        INV_REWARDS, INV_MASK, n=3, valid=torch.ones(12, dtype=torch.bool)
+    ))  # fmt: skip
+    with pytest.raises(ValueError, match="valid"):
+        estimator(INV_REWARDS, INV_MASK, n=3, valid=INV_VALID[:6])
+
+
+@pytest.mark.parametrize("name", ["gae", "reinforce_pp", "grpo", "dr_grpo", "rloo"])
+def test_every_estimator_gives_invalid_samples_zero_and_leaves_them_out(name):
+    # Rows 0, 1 valid (the first group), rows 2, 3 invalid (the second): the valid rows'
+    # advantages equal those of the batch without the invalid rows (whitening included).
+    algo = AlgorithmConfig(advantage=name, n_samples_per_prompt=2, rollout_batch_size=4)
+    rewards = torch.tensor([1.0, 0.0, 3.0, 7.0])
+    valid = torch.tensor([True, True, False, False])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    kl = torch.full((4, 3), 0.1)
+    values = torch.full((4, 3), 0.5)
+    adv, ret = get_estimator(name)(rewards, kl, 0.05, values, mask, algo, valid)
+    assert not adv[2:].any() and not ret[2:].any()
+    kept = AlgorithmConfig(advantage=name, n_samples_per_prompt=2, rollout_batch_size=2)
+    alone = get_estimator(name)(rewards[:2], kl[:2], 0.05, values[:2], mask[:2], kept)
+    torch.testing.assert_close((adv[:2], ret[:2]), alone)
+
+
+def test_best_of_n_never_picks_an_invalid_sample():
+    scores = torch.tensor([0.0, -1.0, 2.0, 5.0, float("nan"), 0.0, 0.0, 4.0, 1.0])
+    valid = torch.tensor([True, True, False, False, False, False, True, False, True])
+    # Group 0: row 2 (2.0) is invalid -> row 0; group 1: none valid; group 2: rows 6, 8 -> 8.
+    assert best_of_n(scores, 3, valid).tolist() == [0, NO_PICK, 8]
+    # Below every valid score, even a negative one: a placeholder 0 must not win.
+    neg = torch.tensor([-3.0, 0.0])
+    assert best_of_n(neg, 2, torch.tensor([True, False])).tolist() == [0]

@@ -15,7 +15,15 @@ from rayrlhf.algorithms.experience import (
     with_update_logprobs,
 )
 from rayrlhf.config import AlgorithmConfig
-from rayrlhf.types import Experience, Rollout, Sample, Scores, micro_batches, shard_rows
+from rayrlhf.types import (
+    Experience,
+    RewardOutput,
+    Rollout,
+    Sample,
+    Scores,
+    micro_batches,
+    shard_rows,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PAD = 0
@@ -342,3 +350,49 @@ def test_shards_keep_a_missing_field_missing():
     )
     parts = shard_rows(exp, 2) + micro_batches(exp, 1)
     assert all(p.old_logprobs is None and len(p) == 1 for p in parts)
+
+
+def _with_validity(scores: Scores, valid: list[bool]) -> Scores:
+    """`scores` whose reward output marks `valid`; invalid rewards are the placeholder 0."""
+    v = torch.tensor(valid)
+    rewards = torch.where(v, scores.rewards, torch.zeros_like(scores.rewards))
+    return replace(scores, rewards=rewards, reward=RewardOutput(rewards, v, {}))
+
+
+def test_reward_statistics_average_only_the_valid_samples():
+    r, scores = _group_rollout([1.0, 3.0, 9.0, 2.0], [1, 1, 1, 1])
+    algo = AlgorithmConfig(advantage="grpo", n_samples_per_prompt=2, rollout_batch_size=4)
+    _, stats = make_experience(r, _with_validity(scores, [True, True, False, True]), algo, 0.0)
+    assert stats.reward_mean == pytest.approx(2.0)  # (1 + 3 + 2) / 3, not 6 / 4
+    assert stats.reward_std == pytest.approx(1.0)  # sample std of (1, 3, 2)
+    _, one = make_experience(r, _with_validity(scores, [False, True, False, False]), algo, 0.0)
+    assert one.reward_mean == pytest.approx(3.0) and one.reward_std == 0.0
+    _, none = make_experience(r, _with_validity(scores, [False] * 4), algo, 0.0)
+    assert math.isnan(none.reward_mean) and math.isnan(none.reward_std)
+
+
+def test_grpo_path_leaves_invalid_samples_out_of_their_group():
+    # Group 1: (1, 0) both valid; group 2: (3, placeholder 0 of an invalid sample).
+    r, scores = _group_rollout([1.0, 0.0, 3.0, 0.0], [1, 1, 1, 1])
+    algo = AlgorithmConfig(advantage="grpo", n_samples_per_prompt=2, rollout_batch_size=4)
+    exp, _ = make_experience(r, _with_validity(scores, [True, True, True, False]), algo, 0.0)
+    a = 0.5 / (0.5**0.5)
+    # Group 2 has one valid sample: no baseline, advantage 0 (it was +-a with the 0 counted).
+    expected = torch.tensor([a, -a, 0.0, 0.0])
+    torch.testing.assert_close(exp.advantages[:, 0], expected, atol=1e-4, rtol=0)
+
+
+def test_running_reward_normalisation_sees_only_valid_rewards():
+    from rayrlhf.algorithms.rewards import RunningMoments
+
+    r, scores = _group_rollout([1.0, 3.0, 0.0, 0.0], [1, 1, 1, 1])
+    algo = AlgorithmConfig(
+        advantage="rloo", n_samples_per_prompt=2, rollout_batch_size=4, reward_normalize=True
+    )
+    moments = RunningMoments()
+    scores = _with_validity(scores, [True, True, False, False])
+    exp, _ = make_experience(r, scores, algo, 0.0, moments)
+    assert moments.count == 2 and moments.mean == pytest.approx(2.0)
+    # Normalised by std sqrt(2): RLOO on (1, 3) / sqrt 2 -> -+2 / sqrt 2; the invalid pair 0.
+    expected = torch.tensor([-(2**0.5), 2**0.5, 0.0, 0.0])
+    torch.testing.assert_close(exp.advantages[:, 0], expected)

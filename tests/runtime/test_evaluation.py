@@ -168,3 +168,34 @@ def test_without_gold_no_gold_keys_are_logged(tok):
     rec = Evaluator(_cfg("eval.every_steps=1", "eval.num_prompts=2"), tok, 0)(FakeRoles(), 0)
     assert not any(k.startswith("eval/gold") for k in rec)
     assert math.isfinite(rec["eval/reward_mean"])
+
+
+class InvalidRoles(FakeRoles):
+    """FakeRoles whose reward is invalid (None/NaN from the function: placeholder 0) on the
+    rows `invalid` says."""
+
+    def __init__(self, invalid) -> None:
+        super().__init__()
+        self.invalid = invalid
+
+    def rewards(self, rollout):
+        n = len(rollout)
+        valid = torch.tensor([not self.invalid(i) for i in range(n)])
+        scores = torch.where(valid, torch.arange(n, dtype=torch.float32) + 1, 0.0)
+        return RewardOutput(scores, valid, {})
+
+
+def test_eval_reward_statistics_are_over_the_valid_samples(tok):
+    ev = Evaluator(_cfg("eval.every_steps=1", "eval.num_prompts=4"), tok, 0)
+    rec = ev(InvalidRoles(lambda i: i % 2 == 1), 0)  # rows 0 and 2 valid: rewards 1 and 3
+    assert rec["eval/reward_mean"] == pytest.approx(2.0)
+    assert rec["eval/reward_std"] == pytest.approx(1.0)
+    assert rec["eval/reward/invalid"] == 2.0
+
+
+def test_an_eval_with_no_valid_sample_logs_nan_without_warnings(tok, recwarn):
+    ev = Evaluator(_cfg("eval.every_steps=1", "eval.num_prompts=3"), tok, 0)
+    rec = ev(InvalidRoles(lambda i: True), 0)
+    assert math.isnan(rec["eval/reward_mean"]) and math.isnan(rec["eval/reward_std"])
+    assert rec["eval/reward/invalid"] == 3.0 and rec["eval/num_prompts"] == 3
+    assert not [w for w in recwarn if "std()" in str(w.message)]
