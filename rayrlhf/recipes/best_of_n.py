@@ -1,5 +1,9 @@
 """Best-of-N sampling: n responses per prompt from the vLLM engines, the reward actor picks one.
 
+A sample whose reward is invalid (its function gave None or NaN) is never picked; a prompt all
+of whose n samples are invalid has no pick: it is left out of the results and counted in the
+report (`invalid_prompts`), not filled with a placeholder-scored response.
+
 Only the rollout engines and the reward actor start (each role in its own placement group); no
 trainer. `rayrlhf best-of-n` compares the mean reward of the picked responses with that of a
 single sample per prompt, and with the demo prompts also reports the gold rule's score, which
@@ -10,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer
 
-from rayrlhf.algorithms.estimators import best_of_n
+from rayrlhf.algorithms.estimators import NO_PICK, best_of_n
 from rayrlhf.algorithms.experience import assemble_rollout
 from rayrlhf.cluster.actors import ActorSet
 from rayrlhf.cluster.placement import start_ray, threads_for
@@ -41,21 +46,28 @@ class BestOfNResult:
     score: float
     """Reward of the picked response."""
     scores: tuple[float, ...]
-    """Rewards of all n samples, in sampling order."""
+    """Rewards of all n samples, in sampling order; NaN for an invalid one."""
 
 
 def select_best(
-    samples: list[Sample], prompts: list[str], scores: torch.Tensor, n: int
+    samples: list[Sample],
+    prompts: list[str],
+    scores: torch.Tensor,
+    n: int,
+    valid: torch.Tensor | None = None,
 ) -> list[BestOfNResult]:
-    """Group rows [k*n, (k+1)*n) per prompt k and keep each group's best. scores: [K*n]."""
-    best = best_of_n(scores, n).tolist()
-    groups = scores.view(-1, n).tolist()
+    """Group rows [k*n, (k+1)*n) per prompt k and keep each group's best valid sample; a
+    prompt with no valid sample is left out. scores, valid: [K*n] (valid None: all)."""
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    best = best_of_n(scores, n, valid).tolist()
+    groups = torch.where(valid, scores, torch.nan).view(-1, n).tolist()
     return [
         BestOfNResult(
             prompts[k], samples[i].text, tuple(samples[i].response_ids), scores[i].item(),
             tuple(groups[k]),
         )
         for k, i in enumerate(best)
+        if i != NO_PICK
     ]  # fmt: skip
 
 
@@ -68,7 +80,8 @@ def best_of_n_generate(
     pad_id: int,
     columns: list[dict] | None = None,
 ) -> list[BestOfNResult]:
-    """Sample `n` responses per prompt, score them with the reward actor, keep the best each."""
+    """Sample `n` responses per prompt, score them with the reward actor, keep the best valid
+    one each (prompts with none are left out: `select_best`)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rows = [p for p in prompt_ids for _ in range(n)]
@@ -79,8 +92,8 @@ def best_of_n_generate(
         samples, texts, pad_id, None if columns is None else [c for c in columns for _ in range(n)]
     )
     (reward,) = actors.actors["reward"]
-    scores = actors.get(reward.score.remote(rollout), "reward").value.scores  # 0 if invalid
-    return select_best(samples, prompts, scores, n)  # fmt: skip
+    out = actors.get(reward.score.remote(rollout), "reward").value
+    return select_best(samples, prompts, out.scores, n, out.valid)
 
 
 def _start(cfg: TrainConfig, actors: ActorSet) -> None:
@@ -96,17 +109,20 @@ def _start(cfg: TrainConfig, actors: ActorSet) -> None:
     actors.wait_ready()
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / max(len(values), 1)
+def _mean(values) -> float | None:
+    """Mean of the finite values; None (JSON null) when there is none."""
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else None
 
 
 def run_best_of_n(cfg: TrainConfig, n: int, num_prompts: int) -> dict:
     """Best-of-`n` vs one sample on the first `num_prompts` prompts of the configured set.
 
     Returns the JSON-ready report: mean reward of the picks (`mean_best_score`), of one sample
-    per prompt (`mean_score_n1`, its own draw) and of all n samples (`mean_sample_score`), and
-    with the demo prompts the gold rule's score of the picks and of the single samples.
+    per prompt (`mean_score_n1`, its own draw) and of all n valid samples
+    (`mean_sample_score`), the prompts left without a pick because every sample's reward was
+    invalid (`invalid_prompts`, `invalid_prompts_n1`), and with the demo prompts the gold
+    rule's score of the picks and of the single samples. A mean over nothing is null.
     """
     preflight(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model_path)
@@ -128,12 +144,19 @@ def run_best_of_n(cfg: TrainConfig, n: int, num_prompts: int) -> dict:
         "mean_best_score": _mean(r.score for r in best),
         "mean_score_n1": _mean(r.score for r in one),
         "mean_sample_score": _mean(s for r in best for s in r.scores),
+        "invalid_prompts": len(texts) - len(best),
+        "invalid_prompts_n1": len(texts) - len(one),
     }
-    if cfg.data.prompts == "demo":
-        report["gold_best"] = _mean(gold_score(texts, [r.response for r in best]))
-        report["gold_n1"] = _mean(gold_score(texts, [r.response for r in one]))
+    if cfg.data.prompts == "demo":  # each pick with its own prompt: skipped ones shift the rest
+        report["gold_best"] = _gold(best)
+        report["gold_n1"] = _gold(one)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def _gold(picks: list[BestOfNResult]) -> float | None:
+    """The demo gold rule's mean score of the picks."""
+    return _mean(gold_score([r.prompt for r in picks], [r.response for r in picks]))
 
 
 def main(config: str | None, overrides: list[str], n: int, prompts: int) -> None:
