@@ -465,3 +465,81 @@ def test_a_role_may_get_more_threads_than_cpus_but_an_engine_may_not():
     assert threads_for(cfg.policy.resources) == 2 and threads_for(cfg.critic.resources) == 1
     with pytest.raises(ConfigError, match="rollout.resources: vLLM binds its own threads"):
         load_config(None, ["rollout.resources.num_threads=2"])
+
+
+# ---- reward.judge ------------------------------------------------------------------------------
+
+
+def test_judge_alone_is_a_reward_source_and_reserves_its_own_bundles():
+    from rayrlhf.cluster.capacity import cpus_needed, role_bundles
+
+    judge = {"model_path": "j", "num_engines": 2, "resources": {"num_cpus": 3}}
+    cfg = TrainConfig.model_validate(_base(reward={"judge": judge}))
+    assert cfg.reward.model_path is None and cfg.reward.judge.num_engines == 2
+    roles = {r.role: r for r in role_bundles(cfg)}
+    assert roles["judge"].count == 2 and roles["judge"].bundle == {"CPU": 3.0}
+    without = TrainConfig.model_validate(_base())
+    assert cpus_needed(cfg) == cpus_needed(without) + 6
+    assert "judge" not in {r.role for r in role_bundles(without)}
+
+
+@pytest.mark.parametrize(
+    "judge, field, words",
+    [
+        ({"template": "{prompt} {answer}"}, "reward.judge.template", "unknown placeholders"),
+        ({"template": "{prompt} only"}, "reward.judge.template", "{response}"),
+        ({"template": "{} {response}"}, "reward.judge.template", "positional"),
+        ({"template": "{response"}, "reward.judge.template", "expected '}'"),
+        ({"score_pattern": r"(\d+)/(\d+)"}, "reward.judge.score_pattern", "exactly one group"),
+        ({"score_pattern": r"score (\d+"}, "reward.judge.score_pattern", "not a regular"),
+        ({"max_score": None}, "reward.judge", "both min_score and max_score"),
+        ({"min_score": 5, "max_score": 1}, "reward.judge", "below max_score"),
+        ({"resources": {"num_threads": 2}}, "reward.judge.resources", "VLLM_CPU_OMP"),
+        ({"modelpath": "x"}, "reward.judge.modelpath", "unknown key"),
+    ],
+)
+def test_judge_config_errors_name_the_field(tmp_path, judge, field, words):
+    tree = _base(reward={"judge": {"model_path": "j", **judge}})
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, tree))
+    assert field in str(err.value) and words in str(err.value)
+
+
+def test_judge_template_keeps_literal_braces_and_set_overrides_reach_it():
+    cfg = load_config(
+        None,
+        [
+            "reward.judge.model_path=j",
+            "reward.judge.template='{{json}} {prompt} -> {response}'",  # quoted: YAML
+            "reward.judge.min_score=null",
+            "reward.judge.max_score=null",
+        ],
+    )
+    assert cfg.reward.judge.template.format(prompt="p", response="r") == "{json} p -> r"
+    assert cfg.reward.judge.min_score is None and cfg.reward.model_path is not None
+
+
+def test_preflight_checks_the_judge_model_dir_and_tokenizer(tiny_models, tmp_path):
+    missing = _cfg_with_paths(tiny_models, reward={"judge": {"model_path": str(tmp_path / "no")}})
+    with pytest.raises(ConfigError, match=r"reward\.judge\.model_path: path does not exist"):
+        preflight.check_paths(missing)
+    bare = tmp_path / "bare"  # a model without a tokenizer: the judge could not read text
+    shutil.copytree(tiny_models["policy"], bare)
+    for name in bare.glob("tokenizer*"):
+        name.unlink()
+    cfg = _cfg_with_paths(tiny_models, reward={"judge": {"model_path": str(bare)}})
+    preflight.check_paths(cfg)
+    with pytest.raises(ConfigError, match=r"reward\.judge\.model_path: .* no tokenizer"):
+        preflight.check_judge(cfg)
+    ok = {"model_path": str(tiny_models["policy"]), "chat_template": True}
+    preflight.check_judge(_cfg_with_paths(tiny_models, reward={"judge": ok}))
+
+
+def test_judge_model_dir_missing_exits_2_before_ray(tiny_models, tmp_path):
+    models = [f"{role}.model_path={tiny_models[role]}" for role in ("policy", "critic", "reward")]
+    sets = [*models, "make_tiny_models=null", f"reward.judge.model_path={tmp_path / 'no-judge'}"]
+    proc = _cli(*(a for s in sets for a in ("--set", s)), "--set", f"run_dir={tmp_path / 'run'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "reward.judge.model_path: path does not exist" in proc.stderr
+    assert "Traceback" not in out and "Started a local Ray instance" not in out

@@ -4,8 +4,8 @@ Ray keeps an unplaceable placement group pending (forever, or until an autoscale
 `placement.reserve` can only report a misfit after `placement_timeout_s`. This module answers the
 same question in milliseconds from the cluster's shape (`cluster.shape`): the node types, how many
 of each, and what one node offers. Every role's bundles are packed first-fit onto node instances
-in the order the run reserves them (policy, critic, reference, reward, rollout), each role PACKed
-onto one node when one can hold all of them, as Ray's PACK strategy prefers, and each
+in the order the run reserves them (policy, critic, reference, judge, reward, rollout), each role
+PACKed onto one node when one can hold all of them, as Ray's PACK strategy prefers, and each
 tensor-parallel engine's group onto one node (STRICT_PACK). A misfit is a `PlacementError` naming
 the role and what it lacks. Then the memory plan (`cluster.memory`) estimates each role's GPUs
 where the shape says how much memory they have, and refuses a role that does not fit.
@@ -71,6 +71,7 @@ def role_bundles(cfg: TrainConfig) -> list[RoleRequest]:
     """What every role reserves, in the order `Roles` reserves them. PlacementError if the
     engines are laid out in a way vLLM cannot start (`engine_layout`)."""
     critic = cfg.active_critic  # None for critic-free estimators: nothing reserved
+    judge = cfg.reward.judge  # reward.judge's engines, in a group of their own
     layout = engine_layout(cfg.rollout)
     strict = layout.strategy == "STRICT_PACK"
     # Engines of one bundle each have a group apiece, which places as one PACK group would.
@@ -79,6 +80,7 @@ def role_bundles(cfg: TrainConfig) -> list[RoleRequest]:
         RoleRequest("policy", bundle(cfg.policy.resources), cfg.policy.num_ranks),
         *([RoleRequest("critic", bundle(critic.resources), critic.num_ranks)] if critic else []),
         RoleRequest("reference", bundle(cfg.reference.resources), 1),
+        *([RoleRequest("judge", bundle(judge.resources), judge.num_engines)] if judge else []),
         RoleRequest("reward", bundle(cfg.reward.resources), 1),
         RoleRequest("rollout", bundle(cfg.rollout.resources), engines, groups, strict),
     ]

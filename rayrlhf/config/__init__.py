@@ -48,6 +48,7 @@ from rayrlhf.config.ppo import (
     load_config,
 )
 from rayrlhf.config.rewards import (
+    JudgeConfig,
     RemoteRewardConfig,
     RewardConfig,
     RuleSpec,
@@ -68,6 +69,7 @@ __all__ = [
     "read_yaml",
     "format_validation_error",
     "RuleSpec",
+    "JudgeConfig",
     "RemoteRewardConfig",
     "RewardConfig",
     "DEFAULT_CONFIG",

@@ -3,6 +3,7 @@
     policy   N DeepSpeed ZeRO-3 ranks      (PolicyWorker)
     critic   K DeepSpeed ZeRO-3 ranks      (CriticWorker)
     reference, reward                      (one actor each)
+    judge    vLLM engines of reward.judge  (JudgeEngine), called by the reward actor
     engines  M vLLM engines                (RolloutEngine), M independent of N
 
 Every remote wait is bounded by a limit that adapts to the phase's measured time (`fault.hang_*`,
@@ -37,6 +38,7 @@ from rayrlhf.types import (
 )
 from rayrlhf.weight_sync.driver import WeightSync
 from rayrlhf.workers.critic import CriticWorker
+from rayrlhf.workers.judge import start_judges
 from rayrlhf.workers.policy import PolicyWorker, mean_stats
 from rayrlhf.workers.reference import ReferenceWorker
 from rayrlhf.workers.reward import RewardWorker
@@ -97,9 +99,10 @@ class Roles:
             "reference", ReferenceWorker, ref.resources, ref.model_path or cfg.policy.model_path,
             ref.micro_batch_size, threads_for(ref.resources),
         )  # fmt: skip
+        judges = start_judges(actors, rw.judge, seed) if rw.judge else None  # its own group
         self.reward = actors.start_one(
             "reward", RewardWorker, rw.resources, rw, threads_for(rw.resources),
-            cfg.policy.model_path,
+            cfg.policy.model_path, judges,
         )  # fmt: skip
         self.pool = EnginePool(
             actors, RolloutEngine, ro, lambda i: (cfg.policy.model_path, ro, seed, i),

@@ -10,6 +10,8 @@ or a `DataError` naming the file and line.
     context      the policy's context (max_position_embeddings) leaves room for a response of
                  rollout.max_new_tokens; each prompt is checked against what is left
                  (`context_limit`, applied where the prompts load)
+    judge        reward.judge.model_path holds a model and a tokenizer of its own (it reads
+                 text), with a chat template if reward.judge.chat_template asks for one
     rule, layout and memory
 """
 
@@ -62,6 +64,8 @@ def check_paths(cfg: TrainConfig) -> None:
     """Every model directory holds a model, every data file the run reads can be read."""
     for field, value in model_paths(cfg).items():
         check_model_dir(field, value)
+    if cfg.reward.judge is not None:
+        check_model_dir("reward.judge.model_path", cfg.reward.judge.model_path)
     data = {"data.prompts": cfg.data.prompts}
     if cfg.eval.every_steps or getattr(cfg.eval, "at_start", False):
         data["eval.prompts"] = cfg.eval.prompts
@@ -118,6 +122,26 @@ def check_tokenizers(cfg: TrainConfig) -> None:
                 f"({len(vocab)} vs {len(base)} tokens, {differing} mapped differently); "
                 "every role but the reward model reads the policy's token ids"
             )
+
+
+def check_judge(cfg: TrainConfig) -> None:
+    """The judge reads text with its own tokenizer: it must have one (and a chat template when
+    reward.judge.chat_template is on). Its vocabulary may differ from the policy's."""
+    judge = cfg.reward.judge
+    if judge is None:
+        return
+    field = "reward.judge.model_path"
+    tokenizer = _own_tokenizer(judge.model_path)
+    if tokenizer is None:
+        raise ConfigError(
+            f"invalid config:\n  {field}: {judge.model_path} has no tokenizer saved with it; "
+            "the judge reads text (save one beside the weights)"
+        )
+    if judge.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"invalid config:\n  reward.judge.chat_template: {judge.model_path}'s tokenizer "
+            "has no chat template; set reward.judge.chat_template=false"
+        )
 
 
 def context_limit(cfg: TrainConfig) -> ContextLimit | None:
@@ -201,6 +225,7 @@ def preflight(cfg: TrainConfig) -> None:
     build_tiny_models(cfg.make_tiny_models)
     check_paths(cfg)
     check_tokenizers(cfg)
+    check_judge(cfg)
     context_limit(cfg)
     check_rule(cfg)
     check_layout_and_memory(cfg, local_gpu_gib())

@@ -1,6 +1,8 @@
 """Reward role: the weighted sum of a frozen HF scalar reward model, reward functions
-(`reward.rule`, `reward.rules`) and a remote scorer (`reward.remote`), per the contract of
-`rayrlhf.workers.reward_fns`.
+(`reward.rule`, `reward.rules`), a remote scorer (`reward.remote`) and a generative judge
+(`reward.judge`, whose engines are actors of their own: `rayrlhf.workers.judge`), per the
+contract of `rayrlhf.workers.reward_fns`. The judge's verdicts are started first and collected
+last, so they overlap the reward model and the functions.
 
 The reward model reads the policy's token ids when its tokenizer is the policy's (same
 vocabulary). Otherwise each sample is decoded to (prompt text, response text) and re-encoded with
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
+import ray
 import torch
 from transformers import AutoTokenizer
 
@@ -21,6 +24,7 @@ from rayrlhf.models.forward import sequence_scores
 from rayrlhf.models.frozen import load_frozen
 from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.types import RewardOutput, Rollout, pad_rows, timed
+from rayrlhf.workers.judge import JUDGE_SPEC, judge_calls, judge_term
 from rayrlhf.workers.reward_fns import (
     RewardFn,
     TermScores,
@@ -69,8 +73,18 @@ class RetokenizedRM:
 class RewardWorker:
     """Scores whole sequences: one `RewardOutput` per rollout."""
 
-    def __init__(self, cfg: RewardConfig, num_threads: int, policy_path: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RewardConfig,
+        num_threads: int,
+        policy_path: str | None = None,
+        judges: list | None = None,
+    ) -> None:
+        """`judges`: the `JudgeEngine` actors of `reward.judge` (`start_judges`), if it is set."""
+        if cfg.judge is not None and not judges:
+            raise ValueError("reward.judge is set but no judge engines were started for it")
         torch.set_num_threads(num_threads)
+        self.judges = list(judges or [])
         self.cfg, self.micro_batch_size = cfg, cfg.micro_batch_size
         # On its GPU, split over its GPUs if the bundle holds several, or on the CPU.
         self.model = load_frozen("reward", cfg.model_path) if cfg.model_path else None
@@ -89,6 +103,7 @@ class RewardWorker:
     @torch.no_grad()
     def score(self, rollout: Rollout) -> RewardOutput:
         """The weighted reward of every row, its validity and the functions' extras."""
+        verdicts = judge_calls(self.judges, rollout.prompts, rollout.responses)
         terms = []
         if self.model is not None:
             terms.append(
@@ -98,6 +113,9 @@ class RewardWorker:
             calls = score_terms(self.fns, rollout.prompts, rollout.responses, rollout.rows)
             scores = self.loop.run_until_complete(calls)
             terms += [(f.spec, f.weight, s) for f, s in zip(self.fns, scores)]
+        if verdicts:
+            term = judge_term(self.cfg.judge, ray.get(verdicts))
+            terms.append((JUDGE_SPEC, self.cfg.judge.weight, term))
         return combine(terms)
 
     def model_scores(self, rollout: Rollout) -> torch.Tensor:
