@@ -381,7 +381,7 @@ def test_host_network_patch_applies_to_the_gpu_groups(manifest):
     assert patched == doc
 
 
-def test_ray_up_gpu_containers_get_the_rdma_devices():
+def test_ray_up_gpu_containers_start_on_the_shipped_nodes_and_opt_into_rdma():
     from ray.autoscaler._private.docker import docker_start_cmds
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -398,11 +398,19 @@ def test_ray_up_gpu_containers_get_the_rdma_devices():
     }
     assert all("docker" not in n for n in up["available_node_types"].values())  # no overrides
     opts = docker["worker_run_options"]
-    assert "--device=/dev/infiniband" in opts
+    # The shipped p4de nodes have no EFA interfaces, hence no /dev/infiniband: an active --device
+    # for it would stop docker from starting every GPU container. It is a commented opt-in.
+    gpu_nodes = [
+        n["node_config"] for n in up["available_node_types"].values() if "GPU" in n["resources"]
+    ]
+    assert all("NetworkInterfaces" not in n for n in gpu_nodes)
+    assert not any(o.startswith("--device") for o in opts)
+    text = (DEPLOY / "ray-up" / "llama3-8b.yaml").read_text()
+    assert "# - --device=/dev/infiniband" in text and "# - --env=NCCL_IB_HCA=" in text
     assert "--cap-add=IPC_LOCK" in opts
     assert "--ulimit memlock=-1:-1" in opts  # what makes registration work as uid 1000
     env = dict(o.removeprefix("--env=").split("=", 1) for o in opts if o.startswith("--env="))
-    assert env["NCCL_IB_HCA"] and env["NCCL_SOCKET_IFNAME"] and env["NCCL_DEBUG"] == "WARN"
+    assert env["NCCL_SOCKET_IFNAME"] and env["NCCL_DEBUG"] == "WARN"
     # `ray up` runs every container on the host's network itself; the options must not add another.
     cmd = docker_start_cmds(
         "ubuntu",
@@ -415,4 +423,4 @@ def test_ray_up_gpu_containers_get_the_rdma_devices():
         "docker",
     )
     assert "--net=host" in cmd and "--network" not in cmd
-    assert "--device=/dev/infiniband" in cmd and "--cap-add=IPC_LOCK" in cmd
+    assert "--cap-add=IPC_LOCK" in cmd and "--device" not in cmd
