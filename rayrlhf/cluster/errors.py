@@ -8,11 +8,19 @@ FailureKind = str
 
 
 class RoleFailed(RuntimeError):
-    """An actor of `role` (rank `rank` within it) died, hung or raised during `phase`."""
+    """An actor of `role` (rank `rank` within it) died, hung or raised during `phase`.
+
+    An actor that waits on actors of another role (the reward actor on the judge's engines)
+    raises it naming them; it reaches the driver inside Ray's error, and the driver's wait
+    names that role, not the one that relayed it (`waits.get_named`)."""
 
     def __init__(self, role: str, rank: int, phase: str, kind: FailureKind, cause: str) -> None:
         super().__init__(f"{role} {rank} {kind} during {phase} ({cause})")
         self.role, self.rank, self.phase, self.kind, self.cause = role, rank, phase, kind, cause
+
+    def __reduce__(self):
+        # Rebuilt from its fields: Ray pickles it when an actor relays it to the driver.
+        return type(self), (self.role, self.rank, self.phase, self.kind, self.cause)
 
     @property
     def restartable(self) -> bool:

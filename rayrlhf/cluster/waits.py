@@ -1,5 +1,7 @@
 """Bounded waits on actors: a stuck phase becomes an error that names it, never a silent hang;
-a dead, hung or failing actor becomes a `RoleFailed` that names its role and rank.
+a dead, hung or failing actor becomes a `RoleFailed` that names its role and rank. An actor that
+waits on another role's actors (the reward actor on the judge's engines) relays their failure as
+a `RoleFailed` of theirs, which the driver reports as it is (`failure_of`).
 
 A phase's limit adapts to the run (`HangLimits`): once a phase has completed `warmup` times, a
 wait on it may last `factor` times its slowest completed wait (never under `min_s`, never over
@@ -87,13 +89,33 @@ def get_named(refs, phase: str, limits: HangLimits, name_of, abandoned: list | N
         )
         raise RoleFailed(role, rank, phase, "hung", cause) from None
     except ray.exceptions.RayError as err:
-        ref, first = _culprit(refs, err)
+        fault = named_failure(refs, err, phase, name_of)  # waits a moment for a death
         if abandoned is not None:
             abandoned.extend(_pending(refs))
-        role, rank = name_of(_actor_of(ref)) if ref is not None else ("an actor", -1)
-        raise RoleFailed(role, rank, phase, *_describe(first)) from first
+        raise fault  # noqa: B904 (its cause is the culprit's error, set by `failure_of`)
     limits.observe(phase, time.monotonic() - start)
     return out
+
+
+def named_failure(refs, err: Exception, phase: str, name_of) -> RoleFailed:
+    """The `RoleFailed` for `err`, raised by `ray.get(refs)`: the actor to blame (`_culprit`),
+    named by `name_of`, with its Ray error as the cause (`failure_of`)."""
+    ref, first = _culprit(refs, err)
+    role, rank = name_of(_actor_of(ref)) if ref is not None else ("an actor", -1)
+    return failure_of(role, rank, phase, first)
+
+
+def failure_of(role: str, rank: int, phase: str, err: Exception) -> RoleFailed:
+    """`role` `rank` failed with Ray error `err` during `phase`; but if its method raised a
+    `RoleFailed` about an actor it waited on (the reward actor on a judge engine), that one:
+    the relaying actor is not the cause."""
+    relayed = getattr(err, "cause", None)
+    if isinstance(relayed, RoleFailed):
+        fault = RoleFailed(relayed.role, relayed.rank, phase, relayed.kind, relayed.cause)
+    else:
+        fault = RoleFailed(role, rank, phase, *_describe(err))
+    fault.__cause__ = err
+    return fault
 
 
 def _as_list(refs) -> list:

@@ -11,7 +11,8 @@
              the judge's context: no score (None)
     scale    (raw - min_score) / (max_score - min_score), clipped to [0, 1]; raw if both None
 
-The reward actor calls the engines (`judge_calls`) and turns their verdicts into one weighted
+The reward actor calls the engines (`judge_calls`, `collect_verdicts`: a dead engine is a
+`RoleFailed` of role 'judge', not of the reward actor) and turns their verdicts into one weighted
 term (`judge_term`): a sample without a score is invalid (masked, counted in reward/invalid),
 as a rule's None is. Two extras are logged with it: `judge_score`, the raw score (its mean over
 valid samples), and `judge_unparsed`, the fraction of the batch with no score, written on every
@@ -24,9 +25,11 @@ import math
 import re
 from dataclasses import dataclass
 
+import ray
 import torch
 
 from rayrlhf.cluster.actors import ActorSet
+from rayrlhf.cluster.waits import named_failure
 from rayrlhf.config import JudgeConfig, RolloutConfig
 from rayrlhf.types import timed
 from rayrlhf.workers.reward_fns import TermScores
@@ -140,6 +143,17 @@ def judge_calls(engines: list, prompts: list[str], responses: list[str]) -> list
         for e, a, b in zip(engines, bounds, bounds[1:])
         if b > a
     ]
+
+
+def collect_verdicts(engines: list, refs: list) -> list:
+    """The replies to `judge_calls(engines, ...)`. A judge engine that died or raised is a
+    `RoleFailed` naming role 'judge' and its rank: the driver reports it, not the reward actor
+    that waited on it (`waits.failure_of`)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayError as err:
+        names = {e._actor_id.hex(): ("judge", i) for i, e in enumerate(engines)}
+        raise named_failure(refs, err, "judge", lambda h: names.get(h, ("judge", -1)))  # noqa: B904
 
 
 def judge_term(cfg: JudgeConfig, parts: list) -> TermScores:

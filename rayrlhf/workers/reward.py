@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 
-import ray
 import torch
 from transformers import AutoTokenizer
 
@@ -24,7 +23,7 @@ from rayrlhf.models.forward import sequence_scores
 from rayrlhf.models.frozen import load_frozen
 from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.types import RewardOutput, Rollout, pad_rows, timed
-from rayrlhf.workers.judge import JUDGE_SPEC, judge_calls, judge_term
+from rayrlhf.workers.judge import JUDGE_SPEC, collect_verdicts, judge_calls, judge_term
 from rayrlhf.workers.reward_fns import (
     RewardFn,
     TermScores,
@@ -114,7 +113,7 @@ class RewardWorker:
             scores = self.loop.run_until_complete(calls)
             terms += [(f.spec, f.weight, s) for f, s in zip(self.fns, scores)]
         if verdicts:
-            term = judge_term(self.cfg.judge, ray.get(verdicts))
+            term = judge_term(self.cfg.judge, collect_verdicts(self.judges, verdicts))
             terms.append((JUDGE_SPEC, self.cfg.judge.weight, term))
         return combine(terms)
 

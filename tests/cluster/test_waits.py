@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
+import types
 
 import pytest
 import ray
 
-from rayrlhf.cluster.waits import HangLimits, RoleFailed, bounded_get, get_named
+from rayrlhf.cluster.waits import HangLimits, RoleFailed, bounded_get, failure_of, get_named
+from rayrlhf.config import JudgeConfig, RewardConfig
+from rayrlhf.workers.reward import RewardWorker
 
 
 @ray.remote(num_cpus=0)
@@ -124,5 +128,52 @@ def test_get_named_names_the_dead_hung_or_raising_actor():
         time.sleep(2.5)
         get_named(survivor.pid.remote(), "sync", HangLimits(60), lambda h: ids[h], abandoned)
         assert abandoned == []  # fetched: its error will not be printed
+    finally:
+        ray.shutdown()
+
+
+def test_a_relayed_role_failure_names_the_actor_that_failed_not_the_relay():
+    """An actor's method that raised a RoleFailed about an actor it waited on: the driver names
+    that one (with its own phase), and the fault survives the pickling Ray gives it."""
+    judge = RoleFailed("judge", 1, "judge", "died", "its process exited")
+    again = pickle.loads(pickle.dumps(judge))
+    assert (again.role, again.rank, again.kind, again.cause) == ("judge", 1, "died", judge.cause)
+    relayed = ray.exceptions.RayTaskError("score", "Traceback ...", judge).as_instanceof_cause()
+    f = failure_of("reward", 0, "score", relayed)
+    assert str(f) == "judge 1 died during score (its process exited)" and f.restartable
+    assert f.__cause__ is relayed
+    plain = ray.exceptions.RayTaskError("score", "...", ValueError("bad row"))
+    f = failure_of("reward", 0, "score", plain)
+    assert (f.role, f.kind, f.cause) == ("reward", "failed", "ValueError: bad row")
+
+
+@ray.remote(num_cpus=0)
+class _Judge:
+    """A judge engine that is slow to answer (killed while it thinks)."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def judge(self, prompts: list[str], responses: list[str]) -> None:
+        time.sleep(30)
+
+
+def test_a_dead_judge_engine_is_named_judge_not_reward():
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        engine = _Judge.remote()
+        cfg = RewardConfig(judge=JudgeConfig(model_path="j"))
+        reward = ray.remote(num_cpus=0)(RewardWorker).remote(cfg, 1, None, [engine])
+        ids = {reward._actor_id.hex(): ("reward", 0)}  # the judge is no role of this driver's
+        rollout = types.SimpleNamespace(prompts=["p"], responses=["r"], rows=[{}])
+        ray.get(reward.__ray_ready__.remote())
+        killer = threading.Timer(1.0, os.kill, (ray.get(engine.pid.remote()), signal.SIGKILL))
+        ref = reward.score.remote(rollout)
+        killer.start()
+        with pytest.raises(RoleFailed) as err:
+            get_named(ref, "score", HangLimits(60), lambda h: ids.get(h, ("an actor", -1)))
+        f = err.value
+        assert (f.role, f.rank, f.phase, f.kind) == ("judge", 0, "score", "died")
+        assert str(f) == "judge 0 died during score (its process exited)" and f.restartable
     finally:
         ray.shutdown()

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from rayrlhf.config import JudgeConfig, RewardConfig
 from rayrlhf.config.rewards import DEFAULT_SCORE_PATTERN
 from rayrlhf.types import Timed
-from rayrlhf.workers import reward as reward_module
+from rayrlhf.workers import judge as judge_module
 from rayrlhf.workers.judge import (
     Verdict,
     judge_calls,
@@ -119,7 +119,7 @@ def test_reward_worker_adds_the_judge_term_and_masks_unparsed(monkeypatch):
     mod = types.ModuleType("judge_rule")
     mod.rule = lambda prompts, responses, rows: [{"score": 1.0, "n": len(r)} for r in responses]
     monkeypatch.setitem(sys.modules, "judge_rule", mod)
-    monkeypatch.setattr(reward_module.ray, "get", lambda refs: refs)  # the fakes answer at once
+    monkeypatch.setattr(judge_module.ray, "get", lambda refs: refs)  # the fakes answer at once
     judge = JudgeConfig(model_path="j", weight=2.0, min_score=0, max_score=10)
     cfg = RewardConfig(rules=[{"fn": "judge_rule:rule", "weight": 0.5}], judge=judge)
     engines = [FakeEngine({"good": "Score: 10", "bad": "Score: 2", "odd": "??"})] * 2
