@@ -4,10 +4,11 @@ A sample whose reward is invalid (its function gave None or NaN) is never picked
 of whose n samples are invalid has no pick: it is left out of the results and counted in the
 report (`invalid_prompts`), not filled with a placeholder-scored response.
 
-Only the rollout engines and the reward actor start (each role in its own placement group); no
-trainer. `rayrlhf best-of-n` compares the mean reward of the picked responses with that of a
-single sample per prompt, and with the demo prompts also reports the gold rule's score, which
-the selection never sees.
+Only the rollout engines, the reward actor and, with `reward.judge`, the judge's engines start
+(each role in its own placement group, all released however the run ends); no trainer.
+`rayrlhf best-of-n` compares the mean reward of the picked responses with that of a single
+sample per prompt, and with the demo prompts also reports the gold rule's score, which the
+selection never sees.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from rayrlhf.data.synthetic import gold_score
 from rayrlhf.models.tokenizer import pad_id
 from rayrlhf.runtime.preflight import context_limit, preflight
 from rayrlhf.types import Sample
+from rayrlhf.workers.judge import start_judges
 from rayrlhf.workers.reward import RewardWorker
 from rayrlhf.workers.rollout import RolloutEngine, generate_on
 
@@ -97,16 +99,26 @@ def best_of_n_generate(
 
 
 def _start(cfg: TrainConfig, actors: ActorSet) -> None:
-    """The engines and the reward actor, each role in its own placement group."""
+    """The engines, the judge's engines if `reward.judge` is set (as PPO starts them) and the
+    reward actor that calls them, each role in its own placement group of `actors`."""
     ro, rw = cfg.rollout, cfg.reward
     actors.start(
         "rollout", RolloutEngine, ro.resources, ro.num_engines,
         lambda i: (cfg.policy.model_path, ro, cfg.seed, i),
     )  # fmt: skip
+    judges = start_judges(actors, rw.judge, cfg.seed) if rw.judge else None
     actors.start_one(
         "reward", RewardWorker, rw.resources, rw, threads_for(rw.resources), cfg.policy.model_path,
+        judges,
     )  # fmt: skip
     actors.wait_ready()
+
+
+def cpus_needed(cfg: TrainConfig) -> float:
+    """Logical CPUs of the bundles `_start` reserves (what a local Ray is started with)."""
+    ro, rw, judge = cfg.rollout, cfg.reward, cfg.reward.judge
+    judges = judge.num_engines * judge.resources.num_cpus if judge else 0.0
+    return ro.num_engines * ro.resources.num_cpus + rw.resources.num_cpus + judges
 
 
 def _mean(values) -> float | None:
@@ -128,8 +140,7 @@ def run_best_of_n(cfg: TrainConfig, n: int, num_prompts: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy.model_path)
     drawn = PromptSet.load(cfg.data, tokenizer, cfg.seed, context_limit(cfg)).draw(0, num_prompts)
     texts, ids = drawn.texts, drawn.ids
-    ro, rw = cfg.rollout, cfg.reward
-    start_ray(cfg.ray_address, ro.num_engines * ro.resources.num_cpus + rw.resources.num_cpus)
+    start_ray(cfg.ray_address, cpus_needed(cfg))
     start = time.perf_counter()
     with ActorSet(cfg.phase_timeout_s, cfg.placement_timeout_s) as actors:
         _start(cfg, actors)
