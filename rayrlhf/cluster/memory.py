@@ -26,6 +26,9 @@ tokens and R = rollout.max_new_tokens response tokens per sequence, b sequences 
   gpu_memory_utilization x GPU (or kv_cache_gib) and must hold one whole sequence, as vLLM
   requires to start. The sync's receive buffers (a bucket and one layer) come after vLLM took
   its share, so they must fit in what gpu_memory_utilization leaves.
+- The judge's engines (reward.judge, only when set): the same vLLM estimate with the judge's
+  model and settings, tensor parallel 1, no sync buffers; one sequence is T plus the verdict's
+  reward.judge.max_new_tokens (the template's own tokens are not counted).
 - Every GPU process: 2 GiB of runtime (CUDA context, NCCL, allocator slack).
 These are estimates from first principles, not measurements: tests/gpu/ compares them with
 what a GPU reports, where one is lent.
@@ -233,22 +236,60 @@ def frozen_parts(
     }
 
 
-def engine_parts(cfg: TrainConfig, d: ModelDims, capacity_gib: float | None) -> dict[str, float]:
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the estimate of a vLLM engine reads: the rollout engines' settings or the judge's."""
+
+    dtype: str
+    """vLLM's dtype ('auto': the checkpoint's)."""
+    tp: int
+    """Tensor-parallel size: GPUs per engine."""
+    enforce_eager: bool
+    kv_cache_gib: float | None
+    gpu_memory_utilization: float
+    seq: int
+    """Tokens of one whole sequence, which the KV cache must hold for vLLM to start."""
+    sync_bucket_bytes: float | None
+    """The weight sync's bucket; None for an engine that receives no syncs (the judge)."""
+
+    @classmethod
+    def rollout(cls, cfg: TrainConfig) -> EngineSpec:
+        ro = cfg.rollout
+        return cls(
+            ro.dtype, ro.tensor_parallel_size, ro.enforce_eager, ro.kv_cache_gib,
+            ro.gpu_memory_utilization, Lengths.of(cfg).seq, cfg.sync.bucket_mb * 2**20,
+        )  # fmt: skip
+
+    @classmethod
+    def judge(cls, cfg: TrainConfig) -> EngineSpec:
+        """reward.judge's engines: tensor parallel 1, no syncs; a judge prompt holds the policy's
+        sequence and then the verdict (the template's own tokens are not counted)."""
+        j = cfg.reward.judge
+        return cls(
+            j.dtype, 1, j.enforce_eager, j.kv_cache_gib, j.gpu_memory_utilization,
+            Lengths.of(cfg).seq + j.max_new_tokens, None,
+        )  # fmt: skip
+
+    def dtype_bytes(self, d: ModelDims) -> int:
+        return {"float32": 4, "bfloat16": 2, "float16": 2}.get(self.dtype, d.dtype_bytes)
+
+
+def engine_parts(e: EngineSpec, d: ModelDims, capacity_gib: float | None) -> dict[str, float]:
     """One GPU of a vLLM engine (tensor-parallel rank): what vLLM takes, and the sync's buffers
     that come on top of it."""
-    ro, tp = cfg.rollout, cfg.rollout.tensor_parallel_size
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(ro.dtype, d.dtype_bytes)
+    size, tp = e.dtype_bytes(d), e.tp
     weights = size * d.params("causal_lm") / tp
     acts = VLLM_BATCHED_TOKENS * (8 * d.hidden + 4 * d.kv_dim + 6 * d.intermediate / tp)
     acts += VLLM_MAX_SEQS * d.vocab * 8
-    graphs = 0 if ro.enforce_eager else CUDA_GRAPHS_GIB * GIB
-    if ro.kv_cache_gib is not None:
-        kv = ro.kv_cache_gib * GIB
+    graphs = 0 if e.enforce_eager else CUDA_GRAPHS_GIB * GIB
+    if e.kv_cache_gib is not None:
+        kv = e.kv_cache_gib * GIB
     elif capacity_gib is None:
         kv = 0.0  # what is left of vLLM's share is unknown without the GPU's memory
     else:
-        kv = max(0.0, ro.gpu_memory_utilization * capacity_gib * GIB - weights - acts - graphs)
-    sync = cfg.sync.bucket_mb * 2**20 + size * d.layer_params / tp
+        kv = max(0.0, e.gpu_memory_utilization * capacity_gib * GIB - weights - acts - graphs)
+    bucket = e.sync_bucket_bytes
+    sync = 0.0 if bucket is None else bucket + size * d.layer_params / tp
     return {
         "weights": weights,
         "activations": acts,
@@ -258,13 +299,11 @@ def engine_parts(cfg: TrainConfig, d: ModelDims, capacity_gib: float | None) -> 
     }
 
 
-def kv_bytes_per_token(cfg: TrainConfig, d: ModelDims) -> float:
+def kv_bytes_per_token(e: EngineSpec, d: ModelDims) -> float:
     """KV cache bytes per token on one GPU: K and V of every layer, this rank's heads (vLLM
     replicates KV heads when there are fewer than TP)."""
-    tp = cfg.rollout.tensor_parallel_size
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.rollout.dtype, d.dtype_bytes)
-    heads = max(d.kv_heads / tp, 1)
-    return 2 * d.layers * heads * (d.kv_dim / d.kv_heads) * size
+    heads = max(d.kv_heads / e.tp, 1)
+    return 2 * d.layers * heads * (d.kv_dim / d.kv_heads) * e.dtype_bytes(d)
 
 
 # ---- the plan ---------------------------------------------------------------------------------
@@ -284,6 +323,8 @@ class _Role:
     parts: Callable[[ModelDims, float | None], dict[str, float]]
     hint: str
     note: str = ""
+    engine: EngineSpec | None = None
+    """A vLLM engine's settings: also checked for room for one sequence (`_engine_problem`)."""
 
 
 def _trainer(role: str, group, kind: str, n: Lengths) -> _Role:
@@ -318,37 +359,44 @@ def _roles(cfg: TrainConfig) -> list[_Role]:
         roles.append(_trainer("critic", cfg.active_critic, "value", n))
     ref_path = cfg.reference.model_path or cfg.policy.model_path
     roles.append(_frozen("reference", cfg.reference, ref_path, "causal_lm", n))
+    if cfg.reward.judge is not None:  # in the order the roles are reserved
+        roles.append(_engine("judge", cfg.reward.judge, EngineSpec.judge(cfg)))
     roles.append(_frozen("reward", cfg.reward, cfg.reward.model_path, "reward", n))
     ro = cfg.rollout
-    roles.append(
-        _Role(
-            "rollout",
-            ro.resources,
-            cfg.policy.model_path,
-            "causal_lm",
-            lambda d, cap: engine_parts(cfg, d, cap),
-            "raise rollout.tensor_parallel_size or lower the sequence length "
-            "(data.max_prompt_tokens + rollout.max_new_tokens)",
-            f"vLLM, tensor parallel {ro.tensor_parallel_size}",
-        )  # fmt: skip
-    )
+    roles.append(_engine("rollout", ro, EngineSpec.rollout(cfg), cfg.policy.model_path))
     return roles
 
 
-def _engine_problem(cfg: TrainConfig, d: ModelDims, parts: dict, cap: float | None) -> str:
+ENGINE_HINTS = {
+    "rollout": "raise rollout.tensor_parallel_size or lower the sequence length "
+    "(data.max_prompt_tokens + rollout.max_new_tokens)",
+    "judge": "lower reward.judge.kv_cache_gib, or leave it null and raise "
+    "reward.judge.gpu_memory_utilization, or pick a smaller judge (tensor parallel 1)",
+}
+"""What to change when an engine role does not fit."""
+
+
+def _engine(role: str, section, e: EngineSpec, path: str | None = None) -> _Role:
+    """A vLLM engine role: `section` has its resources (and model_path, unless `path`)."""
+    return _Role(
+        role, section.resources, path or section.model_path, "causal_lm",
+        lambda d, cap: engine_parts(e, d, cap), ENGINE_HINTS[role],
+        f"vLLM, tensor parallel {e.tp}", e,
+    )  # fmt: skip
+
+
+def _engine_problem(e: EngineSpec, d: ModelDims, parts: dict, cap: float | None) -> str:
     """Why vLLM could not start (or sync) on this GPU, or ''."""
-    ro = cfg.rollout
-    if cap is None or ro.kv_cache_gib is not None:
+    if cap is None or e.kv_cache_gib is not None:
         return ""  # then only the total is checked
-    need = kv_bytes_per_token(cfg, d) * Lengths.of(cfg).seq
+    need = kv_bytes_per_token(e, d) * e.seq
     if parts["kv_cache"] < need:
         return (
-            f"vLLM's share (gpu_memory_utilization {ro.gpu_memory_utilization:g} x {cap:g} GiB) "
+            f"vLLM's share (gpu_memory_utilization {e.gpu_memory_utilization:g} x {cap:g} GiB) "
             f"leaves {parts['kv_cache'] / GIB:.1f} GiB of KV cache after weights, activations "
-            f"and CUDA graphs; one sequence of {Lengths.of(cfg).seq} tokens needs "
-            f"{need / GIB:.2f} GiB"
+            f"and CUDA graphs; one sequence of {e.seq} tokens needs {need / GIB:.2f} GiB"
         )
-    spare = (1 - ro.gpu_memory_utilization) * cap * GIB
+    spare = (1 - e.gpu_memory_utilization) * cap * GIB
     if parts["sync"] > spare:
         return (
             f"the sync's buffers ({parts['sync'] / GIB:.1f} GiB: a bucket and a layer) do not "
@@ -375,7 +423,7 @@ def plan_memory(cfg: TrainConfig, models: dict[str, dict], capacity: Capacity) -
         if cap is not None and gpus < 1:
             cap *= gpus  # a fractional GPU: the role's share of its memory
         parts = r.parts(dims, cap)
-        problem = _engine_problem(cfg, dims, parts, cap) if r.name == "rollout" else ""
+        problem = _engine_problem(r.engine, dims, parts, cap) if r.engine else ""
         out.append(RoleMemory(r.name, parts, cap, problem or r.note, r.hint, bool(problem)))
     return out
 

@@ -160,6 +160,37 @@ def test_engine_without_room_for_one_sequence_is_refused():
     assert "rollout: needs" in msg and "KV cache" in msg and "one sequence of 2048 tokens" in msg
 
 
+JUDGE_8B = (  # an 8B judge on one GPU of the rollout node, in place of an engine
+    "reward.judge={model_path: /models/Meta-Llama-3-8B-Instruct, kv_cache_gib: null, "
+    "gpu_memory_utilization: %s, resources: {num_cpus: 8, num_gpus: 1, "
+    "custom: {rollout_node: 0.125}}}"
+)
+
+
+def test_a_judge_that_fits_is_planned_and_passes():
+    from rayrlhf.cluster.capacity import gpu_capacity, plan_placement
+
+    cfg, shp = recipe(R8B, "rollout.num_engines=7", JUDGE_8B % 0.85), shape(R8B)
+    check_capacity(cfg, shp)
+    plan = plan_memory(cfg, shp.models, gpu_capacity(plan_placement(cfg, shp), shp))
+    assert [r.role for r in plan] == ["policy", "critic", "reference", "judge", "reward", "rollout"]
+    (judge,) = [r for r in plan if r.role == "judge"]
+    assert judge.fits and judge.capacity_gib == 80 and judge.parts["sync"] == 0  # no syncs
+    assert judge.parts["weights"] / GIB == pytest.approx(2 * 8_030_261_248 / GIB)
+    assert judge.total_gib == pytest.approx(0.85 * 80)  # vLLM's share: the KV cache the rest
+
+
+def test_a_judge_that_cannot_fit_is_refused_naming_the_judge():
+    # 0.2 x 80 GiB cannot even hold the judge's 15 GiB of weights and its activation peak.
+    msg = _refusal(R8B, "rollout.num_engines=7", JUDGE_8B % 0.2)
+    assert msg.startswith("does not fit in GPU memory: judge: needs ") and "KV cache" in msg
+    assert "one sequence of 2112 tokens" in msg  # 1024 + 1024 + the verdict's 64
+    assert "reward.judge.gpu_memory_utilization" in msg and "rollout" not in msg
+    big = JUDGE_8B.replace("kv_cache_gib: null", "kv_cache_gib: 70") % 0.85
+    msg = _refusal(R8B, "rollout.num_engines=7", big)
+    assert "judge: needs " in msg and "kv_cache 70.0" in msg and "its GPU has 80 GiB" in msg
+
+
 def test_tp_engines_pack_one_node_each():
     from rayrlhf.cluster.capacity import plan_placement
 
