@@ -172,8 +172,9 @@ COMMANDS: dict[str, Command] = {
                 ("--size",),
                 {
                     "default": "tiny",
-                    "choices": ["tiny", "100m", "100m-deep"],  # models.tiny.SIZES; slow import
-                    "help": "tiny: 0.5M params, the demo; 100m (12 wide layers) and 100m-deep "
+                    "choices": ["tiny", "small", "100m", "100m-deep"],  # models.tiny.SIZES
+                    "help": "tiny: 0.5M params, the demo; small: 4.5M, the arithmetic task; "
+                    "100m (12 wide layers) and 100m-deep "
                     "(30 narrow layers, SmolLM-135M's shape): ~100M params, for benchmarks",
                 },
             ),

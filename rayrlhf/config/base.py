@@ -102,6 +102,9 @@ class RunConfig(Section):
     """Seed for data order, sampling, initialisation and synthetic data."""
     make_tiny_models: str | None = None
     """Demo only: build the tiny models into this directory first if they are absent."""
+    make_tiny_size: Literal["tiny", "small", "100m", "100m-deep"] = "tiny"
+    """The size make_tiny_models builds (`rayrlhf make-tiny --size`): 'tiny' is the demo's,
+    'small' (4 layers x 256) the arithmetic task's, the 100M sizes are for benchmarks."""
     overwrite: bool = False
     """Replace a previous run in run_dir: a fresh run into a directory that holds one
     (config.yaml or metrics.jsonl) is refused before Ray starts unless this is set (or

@@ -82,6 +82,8 @@ def train_tokenizer(corpus: Path = CORPUS, vocab_size: int = 512) -> PreTrainedT
 # 2.5x as many tensors to sync.
 SIZES = {
     "tiny": (128, 2, 256, None),
+    "small": (256, 4, 1024, None),  # the arithmetic task's: "tiny" cannot learn it well
+    # enough after SFT for RL to have signal (configs/tiny-cpu-math.yaml)
     "100m": (768, 12, 3072, None),
     "100m-deep": (576, 30, 1536, 3),
 }

@@ -222,7 +222,7 @@ def check_layout_and_memory(cfg: TrainConfig, gpu_gib: float | None = None) -> N
 
 def preflight(cfg: TrainConfig) -> None:
     """Every check above, after building the demo models if the recipe asks for them."""
-    build_tiny_models(cfg.make_tiny_models)
+    build_tiny_models(cfg.make_tiny_models, cfg.make_tiny_size)
     check_paths(cfg)
     check_tokenizers(cfg)
     check_judge(cfg)

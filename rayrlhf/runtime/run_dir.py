@@ -30,7 +30,7 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl")
 """Files that show a directory holds a run (written by every command)."""
 
 
-def build_tiny_models(directory: str | None) -> None:
+def build_tiny_models(directory: str | None, size: str = "tiny") -> None:
     """Demo recipes: build the tiny models into `directory` unless they are already there.
     Each model directory is built whole beside its place and moved in, the policy (what this
     check reads) last, so an interrupted build is never taken for a finished one."""
@@ -40,7 +40,7 @@ def build_tiny_models(directory: str | None) -> None:
         target = Path(directory)
         built = target.with_name(target.name + ".tmp")
         shutil.rmtree(built, ignore_errors=True)  # an interrupted build's leftovers
-        make_tiny(built)
+        make_tiny(built, size=size)
         target.mkdir(parents=True, exist_ok=True)
         for role in sorted(built.iterdir(), key=lambda p: p.name == "policy"):
             if (target / role.name).exists():

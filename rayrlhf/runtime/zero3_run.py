@@ -93,7 +93,7 @@ def prepare_inputs(
     to model directories; `generate(n, n_eval, seed)` returns (train rows, held-out rows).
     """
     check_run_dir(cfg)  # before the synthetic data below is written into it
-    build_tiny_models(cfg.make_tiny_models)
+    build_tiny_models(cfg.make_tiny_models, cfg.make_tiny_size)
     train, held_out = cfg.data.train, cfg.data.eval
     if synthetic:
         from rayrlhf.data.synthetic import write_jsonl

@@ -1,3 +1,5 @@
+from typing import get_args
+
 import pytest
 import torch
 from transformers import (
@@ -8,6 +10,7 @@ from transformers import (
 )
 
 from rayrlhf.cli import build_parser
+from rayrlhf.config import RunConfig
 from rayrlhf.data.demo_task import GOOD_WORDS
 from rayrlhf.models.forward import sequence_scores
 from rayrlhf.models.tiny import SIZES, tiny_config
@@ -129,3 +132,4 @@ def test_sizes_build_the_advertised_models(size, tokenizer):
     make_tiny_choices = build_parser()._subparsers._group_actions[0].choices["make-tiny"]
     size_arg = next(a for a in make_tiny_choices._actions if a.dest == "size")
     assert size in size_arg.choices
+    assert size in get_args(RunConfig.model_fields["make_tiny_size"].annotation)  # recipes too

@@ -4,6 +4,7 @@ back past a torn last line, and model saves are complete or absent."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -225,7 +226,7 @@ def test_a_failed_reward_model_init_leaves_no_directory(tmp_path, monkeypatch):
 def test_an_interrupted_tiny_build_is_rebuilt(tmp_path, monkeypatch):
     from rayrlhf.models import tiny
 
-    def half(out):
+    def half(out, size="tiny"):
         (out / "critic").mkdir(parents=True)
         (out / "critic" / "config.json").write_text("{}")
         raise KeyboardInterrupt
@@ -236,7 +237,7 @@ def test_an_interrupted_tiny_build_is_rebuilt(tmp_path, monkeypatch):
     assert not (tmp_path / "tiny" / "policy" / "config.json").exists()
     built = []
 
-    def whole(out):
+    def whole(out, size="tiny"):
         for role in ("critic", "policy"):
             (out / role).mkdir(parents=True)
             (out / role / "config.json").write_text(role)
@@ -248,3 +249,19 @@ def test_an_interrupted_tiny_build_is_rebuilt(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
     rd.build_tiny_models(str(tmp_path / "tiny"))  # built: not again
     assert len(built) == 1
+
+
+def test_build_tiny_models_builds_the_recipes_size(tmp_path, monkeypatch):
+    built = {}
+
+    def fake_make_tiny(out, size="tiny"):  # records the call, writes what the check reads
+        built["size"] = size
+        (Path(out) / "policy").mkdir(parents=True)
+        (Path(out) / "policy" / "config.json").write_text("{}")
+
+    monkeypatch.setattr("rayrlhf.models.tiny.make_tiny", fake_make_tiny)
+    cfg = load_config(None, [f"run_dir={tmp_path}/run", "make_tiny_size=small"])
+    rd.build_tiny_models(str(tmp_path / "models"), cfg.make_tiny_size)
+    assert built == {"size": "small"} and (tmp_path / "models/policy/config.json").exists()
+    rd.build_tiny_models(str(tmp_path / "models"), "small")  # already there: not rebuilt
+    assert built == {"size": "small"}
