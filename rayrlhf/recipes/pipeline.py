@@ -118,10 +118,13 @@ def init_critic(policy: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def last_value(records: list[dict], key: str) -> float:
-    """The last record's value of `key` (a metrics.jsonl column)."""
+def last_value(records: list[dict], key: str, optional: bool = False) -> float | None:
+    """The last record's value of `key` (a metrics.jsonl column); None if absent and
+    `optional` (e.g. eval/loss of an SFT stage without an eval set)."""
     values = [r[key] for r in records if key in r]
     if not values:
+        if optional:
+            return None
         raise KeyError(f"no {key!r} in the stage's metrics.jsonl")
     return values[-1]
 
@@ -134,7 +137,7 @@ def report(cfg: PipelineConfig, ppo_dir: Path) -> dict:
     series = eval_series(ppo)
     out = {
         "rm_eval_accuracy": None if cfg.rm is None else rm_accuracy(run / "rm"),
-        "sft_eval_loss": last_value(read_metrics(run / "sft"), "eval/loss"),
+        "sft_eval_loss": last_value(read_metrics(run / "sft"), "eval/loss", optional=True),
         "final_kl": last_value(ppo, "rollout/kl"),
         "final_reward_mean": last_value(ppo, "rollout/reward_mean"),
         "eval_prompts": max(
@@ -224,7 +227,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     ppo = ppo_config(cfg)  # validated before any stage runs: a typo costs nothing
     check_run_dir(cfg)  # a previous pipeline run here (its stages') is refused, or overwritten
-    build_tiny_models(cfg.make_tiny_models)
+    build_tiny_models(cfg.make_tiny_models, cfg.make_tiny_size)
     run = write_run_config(cfg, cfg.run_dir, outputs=("sft", "rm", "ppo", "ppo_init"))
     start_ray(ppo.ray_address, cpus_needed(ppo))
     stages = 3 if cfg.rm is not None else 2

@@ -105,3 +105,11 @@ def test_without_rm_the_gold_is_the_rewards_accuracy(tmp_path, capsys):
     assert r["eval"]["gold"] == [0.3, 0.6, 0.2]
     print_report(r)
     assert "RM held-out accuracy - |" in capsys.readouterr().out
+
+
+def test_an_sft_stage_without_an_eval_set_reports_no_eval_loss(tmp_path):
+    _stages(tmp_path, gold="eval/reward/accuracy", rm=False)
+    _jsonl(tmp_path / "sft/metrics.jsonl", [{"step": 0, "sft/loss": 2.0}])  # train rows only
+    cfg = load_pipeline_config(ROOT / "configs/tiny-cpu-math.yaml", [f"run_dir={tmp_path}"])
+    r = report(cfg, tmp_path / "ppo")
+    assert r["sft_eval_loss"] is None and r["eval"]["gold"] == [0.3, 0.6, 0.2]
